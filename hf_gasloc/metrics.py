@@ -1,0 +1,63 @@
+"""What each GASLoC round reports, ready for a logger."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class RoundMetrics:
+    """One outer step on one worker.
+
+    ``peer_distance`` is free: the mean of ``||z_i - z_j||^2 / ||z_i||^2`` over
+    this round's peers. ``consensus_distance`` is exact,
+    ``mean_i ||z_i - z_bar||^2 / ||z_bar||^2`` over all workers, and is only
+    computed on the rounds that ``consensus_every`` asks for (one extra All-Reduce).
+    ``bytes_sent`` counts this worker's outgoing payload (for the complete graph,
+    the ``2 (n - 1) / n`` model sizes a ring All-Reduce sends).
+    """
+
+    round: int
+    local_steps: int
+    bytes_sent: int
+    comm_seconds: float
+    outer_step_seconds: float
+    peer_distance: float | None = None
+    consensus_distance: float | None = None
+
+
+@dataclass
+class Totals:
+    """Running sums over the whole run, saved with checkpoints."""
+
+    rounds: int = 0
+    inner_steps: int = 0
+    bytes_sent: int = 0
+    comm_seconds: float = 0.0
+
+    def add(self, metrics: RoundMetrics) -> None:
+        self.rounds += 1
+        self.inner_steps += metrics.local_steps
+        self.bytes_sent += metrics.bytes_sent
+        self.comm_seconds += metrics.comm_seconds
+
+
+def as_log(metrics: RoundMetrics | None, totals: Totals, prefix: str = "gasloc/") -> dict[str, float]:
+    """Flat, numeric values for ``Trainer.log`` / ``accelerator.log``."""
+    log: dict[str, float] = {
+        "rounds": totals.rounds,
+        "bytes_sent_total": totals.bytes_sent,
+        "comm_seconds_total": totals.comm_seconds,
+    }
+    if metrics is not None:
+        log.update(
+            local_steps=metrics.local_steps,
+            bytes_sent=metrics.bytes_sent,
+            comm_seconds=metrics.comm_seconds,
+            outer_step_seconds=metrics.outer_step_seconds,
+        )
+        if metrics.peer_distance is not None:
+            log["peer_distance"] = metrics.peer_distance
+        if metrics.consensus_distance is not None:
+            log["consensus_distance"] = metrics.consensus_distance
+    return {prefix + key: value for key, value in log.items()}

@@ -1,0 +1,76 @@
+"""Settings: defaults, validation before any work, environment variables, CLI flags."""
+
+import functools
+
+import pytest
+import torch
+from transformers import HfArgumentParser
+
+from hf_gasloc import GASLoCArguments, GASLoCConfig, GASLoCPlugin
+
+
+def test_defaults_follow_diloco():
+    config = GASLoCConfig()
+    assert (config.outer_optimizer, config.outer_lr, config.outer_momentum) == ("nesterov", 0.7, 0.9)
+    assert (config.topology, config.local_steps, config.seed) == ("2peer", 30, 0)
+    assert GASLoCConfig(outer_optimizer="sgd").outer_momentum == 0.0
+
+
+@pytest.mark.parametrize("settings,message", [
+    ({"topology": "star"}, "unknown topology 'star' .*--gasloc_topology"),
+    ({"topology": "static"}, "unknown topology 'static'"),
+    ({"local_steps": 0}, "local_steps must be >= 1"),
+    ({"local_steps": "30,0"}, "local_steps must be >= 1"),
+    ({"local_steps": "thirty"}, "cannot read local_steps='thirty'"),
+    ({"outer_optimizer": "adam"}, "unknown outer_optimizer 'adam'"),
+    ({"outer_optimizer": "sgd", "outer_momentum": 0.9}, "'sgd' has no momentum"),
+    ({"outer_optimizer": "nesterov", "outer_momentum": 0}, "needs outer_momentum > 0"),
+    ({"outer_momentum": 1.5}, r"outer_momentum must be in \[0, 1\)"),
+    ({"outer_lr": 0}, "outer_lr must be > 0"),
+    ({"seed": "abc"}, "seed must be an integer"),
+    ({"anchor_on_cpu": "maybe"}, "anchor_on_cpu must be true or false"),
+    ({"outer_optimizer": functools.partial(torch.optim.SGD, lr=1), "outer_momentum": 0.5},
+     "put the momentum in that optimizer"),
+])
+def test_bad_settings_are_clear_errors(settings, message):
+    with pytest.raises(ValueError, match=message):
+        GASLoCConfig(**settings)
+
+
+def test_local_steps_per_rank():
+    config = GASLoCConfig(local_steps="30, 30,15")
+    assert config.local_steps == [30, 30, 15]
+    assert config.local_steps_for(2, 3) == 15
+    with pytest.raises(ValueError, match="one value for every rank"):
+        config.local_steps_for(0, 4)
+
+
+def test_environment_variables_fill_unset_settings(monkeypatch):
+    monkeypatch.setenv("ACCELERATE_GASLOC_TOPOLOGY", "1peer")
+    monkeypatch.setenv("ACCELERATE_GASLOC_LOCAL_STEPS", "5")
+    monkeypatch.setenv("ACCELERATE_GASLOC_OUTER_LR", "0.5")
+    monkeypatch.setenv("ACCELERATE_GASLOC_ANCHOR_ON_CPU", "true")
+    plugin = GASLoCPlugin(local_steps=7)
+    assert (plugin.topology, plugin.local_steps, plugin.outer_lr) == ("1peer", 7, 0.5)
+    assert plugin.anchor_on_cpu is True
+
+
+def test_cli_flags_through_hf_argument_parser(monkeypatch):
+    monkeypatch.setenv("ACCELERATE_GASLOC_SEED", "9")
+    parser = HfArgumentParser(GASLoCArguments)
+    (arguments,) = parser.parse_args_into_dataclasses([
+        "--gasloc_topology", "complete", "--gasloc_outer_optimizer", "sgd",
+        "--gasloc_outer_lr", "1", "--gasloc_outer_momentum", "0",
+        "--gasloc_local_steps", "4,4,2",
+    ])
+    plugin = arguments.to_plugin()
+    assert isinstance(plugin, GASLoCPlugin)
+    assert (plugin.topology, plugin.outer_optimizer, plugin.outer_lr) == ("complete", "sgd", 1.0)
+    assert (plugin.outer_momentum, plugin.local_steps, plugin.seed) == (0.0, [4, 4, 2], 9)
+
+
+def test_every_setting_has_a_flag():
+    names = {f.name for f in GASLoCConfig.__dataclass_fields__.values()}
+    assert {"gasloc_" + n for n in names} == set(GASLoCArguments.__dataclass_fields__)
+    assert {"topology", "local_steps", "outer_optimizer", "outer_lr", "outer_momentum",
+            "gossip_weight", "seed"} <= names
