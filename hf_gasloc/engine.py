@@ -239,25 +239,37 @@ class GASLoC:
             g.load_live()
         all_reduce_mean_([g.work for g in self._groups], self.group)
 
+    @torch.no_grad()
+    def swap_in_consensus(self) -> list[list[torch.Tensor]]:
+        """Put the average of all workers' parameters into the model (collective).
+
+        Returns this rank's own parameters, for ``restore_parameters``.
+        """
+        backup = [[p.detach().clone() for p in g.params] for g in self._groups]
+        self._average_live_into_work()
+        for g in self._groups:
+            g.store_live(g.work_views)
+        return backup
+
+    @torch.no_grad()
+    def restore_parameters(self, backup: list[list[torch.Tensor]]) -> None:
+        """Give this rank back the parameters ``swap_in_consensus`` returned, bit for bit."""
+        for g, own in zip(self._groups, backup, strict=True):
+            g.store_live(own)
+
     @contextmanager
     def consensus_model(self) -> Iterator[None]:
-        """Temporarily put the average of all workers' parameters into the model.
+        """Evaluate or save the workers' average inside this block (every rank must enter it).
 
-        Collective: every rank must enter it. Inside, every rank holds the same
-        consensus model (evaluate it, or ``save_pretrained`` on rank 0); on exit
-        each rank gets its own parameters back, bit for bit.
+        Inside, every rank holds the same consensus model (evaluate it, or
+        ``save_pretrained`` on rank 0); on exit each rank gets its own
+        parameters back.
         """
-        with torch.no_grad():
-            backups = [[p.detach().clone() for p in g.params] for g in self._groups]
-            self._average_live_into_work()
-            for g in self._groups:
-                g.store_live(g.work_views)
+        backup = self.swap_in_consensus()
         try:
             yield
         finally:
-            with torch.no_grad():
-                for g, backup in zip(self._groups, backups):
-                    g.store_live(backup)
+            self.restore_parameters(backup)
 
     @torch.no_grad()
     def install_consensus(self) -> None:

@@ -1,0 +1,69 @@
+"""Shared by the benchmarks: spawn gloo ranks on this machine, time things, print tables."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from datetime import timedelta
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def spawn(fn: Callable[..., Any], world_size: int, *args: Any) -> list[Any]:
+    """Run ``fn(rank, world_size, *args)`` on gloo ranks; return every rank's result."""
+    with tempfile.TemporaryDirectory() as folder:
+        queue = mp.get_context("spawn").SimpleQueue()
+        mp.start_processes(_entry, (world_size, folder, queue, fn, args), nprocs=world_size,
+                           start_method="spawn")
+        results = dict(queue.get() for _ in range(world_size))
+    return [results[rank] for rank in range(world_size)]
+
+
+def _entry(rank, world_size, folder, queue, fn, args):
+    threads = max(1, (os.cpu_count() or 1) // world_size)
+    torch.set_num_threads(threads)
+    store = dist.FileStore(os.path.join(folder, "store"), world_size)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size,
+                            timeout=timedelta(minutes=10))
+    try:
+        queue.put((rank, fn(rank, world_size, *args)))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def timed(fn: Callable[[], Any], repeats: int) -> list[float]:
+    """Wall times of ``repeats`` calls, each started together on all ranks."""
+    times = []
+    for _ in range(repeats):
+        dist.barrier()
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def median_ms(times: list[float]) -> float:
+    return 1000 * statistics.median(times)
+
+
+def machine() -> str:
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+            f"torch {torch.__version__}, Python {platform.python_version()}")
+
+
+def command() -> str:
+    return "python " + " ".join(sys.argv)
+
+
+def table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)

@@ -1,0 +1,189 @@
+"""``GASLoCCallback``: GASLoC for any Hugging Face ``Trainer`` script, in one line.
+
+    trainer.add_callback(GASLoCCallback(topology="2peer", local_steps=30))
+
+What it does, on every rank:
+
+- at ``on_train_begin``: stops DDP's gradient All-Reduce and buffer broadcast for
+  every step, turns off Trainer's per-step token-count ``all_gather``
+  (``average_tokens_across_devices``), hooks the engine on the inner optimizer
+  (so gradient accumulation and skipped AMP steps count right), and on resume
+  restores this rank's own state;
+- evaluation and checkpoints see the **consensus model** (the average of all
+  workers), swapped in after the step that evaluates or saves and swapped out
+  before the next step; each checkpoint also holds every rank's own state
+  (``gasloc/rank<r>.pt``), so a resumed run ends bit for bit where an
+  uninterrupted one does;
+- GASLoC metrics join the Trainer's logs, so ``report_to`` shows them;
+- when training ends, every rank holds the consensus model, so a following
+  ``trainer.evaluate()`` / ``trainer.save_model()`` uses it.
+
+Callback events receive neither the Trainer nor its DDP wrapper, so the callback
+finds the ``Trainer`` that calls it on the call stack, once, at ``on_train_begin``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_callback import DefaultFlowCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.training_args import ParallelMode
+
+from .checkpoint import load_rank_state, rank_state_path, save_rank_state
+from .config import GASLoCConfig
+from .ddp import disable_gradient_sync
+from .engine import GASLoC
+from .plugin import GASLoCPlugin
+
+logger = logging.getLogger(__name__)
+
+
+class GASLoCCallback(TrainerCallback):
+    """Run GASLoC inside ``transformers.Trainer``.
+
+    Takes a ``GASLoCPlugin`` / ``GASLoCConfig`` or the same settings as keyword
+    arguments; settings are validated here, before any training.
+    """
+
+    def __init__(self, plugin: GASLoCConfig | None = None, **settings: Any):
+        if plugin is not None and settings:
+            raise ValueError("give GASLoCCallback either a plugin or keyword settings, not both.")
+        self.config = plugin if plugin is not None else GASLoCPlugin(**settings)
+        self.engine: GASLoC | None = None
+        self._model: torch.nn.Module | None = None
+        self._optimizer: torch.optim.Optimizer | None = None
+        self._own_parameters: list[list[torch.Tensor]] | None = None
+
+    # ---------------------------------------------------------------- start
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if self.engine is not None:
+            self.engine.detach()
+            self.engine = None
+        if not self.config.enabled or not self._distributed(args):
+            return
+        trainer, resume_from = _calling_trainer()
+        disable_gradient_sync(trainer.model_wrapped)
+        self._stop_step_collectives(trainer)
+        self._run_before_reporters(trainer)
+        self._model, self._optimizer = model, optimizer
+        self.engine = GASLoC(model, optimizer, self.config)
+        if state.global_step > 0:
+            checkpoint = resume_from or os.path.join(
+                args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+            )
+            load_rank_state(checkpoint, self.engine, model, optimizer)
+            logger.info("GASLoC: restored rank %d's own state from %s", self.engine.rank, checkpoint)
+
+    def _distributed(self, args) -> bool:
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        running = args.world_size if args.parallel_mode == ParallelMode.DISTRIBUTED else 1
+        if launched > 1 and running == 1:
+            raise RuntimeError(
+                f"{launched} processes were launched but the Trainer is not distributed "
+                f"(parallel_mode={args.parallel_mode.value}): every process would train alone on "
+                "the same data. On a machine without GPUs pass use_cpu=True (--use_cpu) to "
+                "TrainingArguments so that the processes join one gloo group."
+            )
+        if running == 1:
+            logger.warning("GASLoC needs at least 2 workers; this single-process run trains normally.")
+        return running > 1
+
+    def _stop_step_collectives(self, trainer: Trainer) -> None:
+        """Turn off Trainer's per-step collectives; warn about those we cannot."""
+        args = trainer.args
+        if args.average_tokens_across_devices:
+            # An all_gather of token counts every step would pace every worker to the
+            # slowest link. GASLoC workers minimise their own loss: count local tokens.
+            args.average_tokens_across_devices = False
+        if args.include_num_input_tokens_seen not in (False, "no"):
+            logger.warning(
+                "GASLoC: include_num_input_tokens_seen runs an all_gather every step, which makes "
+                "every worker wait for the slowest; turn it off for decentralized training."
+            )
+        iterable = isinstance(trainer.train_dataset, torch.utils.data.IterableDataset)
+        if iterable and getattr(trainer.accelerator, "dispatch_batches", None) is not False:
+            logger.warning(
+                "GASLoC: with an iterable dataset accelerate lets rank 0 read and broadcast every "
+                "batch (a collective per step); pass accelerator_config={'dispatch_batches': False} "
+                "so that each worker reads its own shard."
+            )
+
+    def _run_before_reporters(self, trainer: Trainer) -> None:
+        """Run right after DefaultFlowCallback, so loggers (report_to) see GASLoC metrics.
+
+        The list is replaced, not edited: the event now running iterates the old one.
+        """
+        others = [cb for cb in trainer.callback_handler.callbacks if cb is not self]
+        first = 1 if others and isinstance(others[0], DefaultFlowCallback) else 0
+        trainer.callback_handler.callbacks = others[:first] + [self] + others[first:]
+
+    # -------------------------------------------- consensus for eval and save
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.engine is not None and (control.should_evaluate or control.should_save):
+            self._swap_in_consensus()
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self.on_step_end(args, state, control)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._restore_own_parameters()
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.engine is None:
+            return
+        self._restore_own_parameters()
+        folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        save_rank_state(folder, self.engine, self._model, self._optimizer)
+        dist.barrier(group=self.engine.group)  # every rank's file is complete before going on
+        if not rank_state_path(folder, self.engine.rank).exists():
+            raise RuntimeError(f"GASLoC state for rank {self.engine.rank} was not written.")
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.engine is None:
+            return
+        self._restore_own_parameters()
+        self.engine.install_consensus()
+        self.engine.detach()
+
+    def _swap_in_consensus(self) -> None:
+        if self._own_parameters is None:
+            self._own_parameters = self.engine.swap_in_consensus()
+
+    def _restore_own_parameters(self) -> None:
+        if self._own_parameters is not None:
+            self.engine.restore_parameters(self._own_parameters)
+            self._own_parameters = None
+
+    # -------------------------------------------------------------- metrics
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.engine is None or logs is None or any(k.startswith("eval_") for k in logs):
+            return
+        metrics = self.engine.metrics()
+        logs.update(metrics)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(metrics)
+
+
+def _calling_trainer() -> tuple[Trainer, str | None]:
+    """The Trainer whose event is running, and the checkpoint it resumes from, if any."""
+    trainer, resume_from = None, None
+    frame = inspect.currentframe()
+    while frame is not None:
+        candidate = frame.f_locals.get("self")
+        if isinstance(candidate, Trainer):
+            trainer = trainer or candidate
+            path = frame.f_locals.get("resume_from_checkpoint")
+            resume_from = resume_from or (path if isinstance(path, str) else None)
+        frame = frame.f_back
+    del frame
+    if trainer is None:
+        raise RuntimeError("GASLoCCallback must be called by a transformers.Trainer.")
+    return trainer, resume_from
