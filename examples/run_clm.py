@@ -1,0 +1,238 @@
+"""Pretrain a causal LM with GASLoC: the Hugging Face ``run_clm.py`` plus one callback.
+
+    # 4 gloo ranks on a CPU-only machine, embedded data/tokenizer/tiny LLaMA:
+    accelerate launch --config_file examples/configs/cpu_4proc.yaml examples/run_clm.py \
+        --gasloc_topology 2peer
+
+    # your own data and model, on GPUs:
+    accelerate launch examples/run_clm.py --config_name CONFIG --tokenizer_name TOKENIZER \
+        --train_file shard-*.parquet --validation_file val.parquet --block_size 1024 \
+        --max_steps 10000 --gasloc_topology 1peer --gasloc_local_steps 30
+
+With no model or data flag it trains the tiny LLaMA config of
+``examples/configs/tiny-llama`` on the Python-docs sample of ``examples/data``
+(attribution there), so it runs offline. ``--gasloc_topology none`` is plain
+DDP, ``complete`` is DiLoCo. Writes ``all_results.json`` (eval loss,
+perplexity, token accuracy, train and GASLoC metrics, world size) and the
+consensus model (``save_pretrained``) to ``--output_dir``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import evaluate
+import torch
+import torch.distributed as dist
+import transformers
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    HfArgumentParser,
+    Trainer,
+    TrainingArguments,
+    default_data_collator,
+    set_seed,
+)
+
+from hf_gasloc import GASLoCArguments
+from hf_gasloc.data import data_files_builder, load_text_dataset, pack_into_blocks
+from hf_gasloc.trainer import GASLoCCallback
+
+HERE = Path(__file__).resolve().parent
+logger = logging.getLogger(__name__)
+
+# Only for the embedded default run (no model and no data flag): a few minutes on 2 CPU cores.
+EMBEDDED_DEFAULTS = dict(
+    output_dir="outputs/run_clm",
+    max_steps=150,
+    per_device_train_batch_size=8,
+    per_device_eval_batch_size=16,
+    learning_rate=3e-3,
+    weight_decay=0.1,
+    warmup_steps=10,
+    lr_scheduler_type="cosine",
+    logging_steps=10,
+    save_strategy="no",
+    report_to="none",
+    block_size=128,
+    gasloc_local_steps="10",
+)
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: Optional[str] = field(
+        default=None, metadata={"help": "pretrained weights to start from (local folder or hub id)"}
+    )
+    config_name: Optional[str] = field(
+        default=None, metadata={"help": "model config to train from scratch (default: tiny LLaMA)"}
+    )
+    tokenizer_name: Optional[str] = field(
+        default=None, metadata={"help": "tokenizer (default: the model's, else the embedded one)"}
+    )
+    config_overrides: Optional[str] = field(
+        default=None, metadata={"help": "override config values: 'hidden_size=256,num_hidden_layers=6'"}
+    )
+
+
+@dataclass
+class DataTrainingArguments:
+    dataset_name: Optional[str] = field(default=None, metadata={"help": "hub dataset, e.g. HuggingFaceFW/fineweb"})
+    dataset_config_name: Optional[str] = field(default=None, metadata={"help": "e.g. sample-10BT"})
+    train_file: Optional[str] = field(default=None, metadata={"help": "parquet, json(l), text or csv"})
+    validation_file: Optional[str] = field(default=None, metadata={"help": "same formats"})
+    text_column: str = field(default="text")
+    block_size: Optional[int] = field(default=None, metadata={"help": "tokens per packed sequence"})
+    max_train_samples: Optional[int] = field(default=None, metadata={"help": "keep the first N blocks"})
+    max_eval_samples: Optional[int] = field(default=None, metadata={"help": "keep the first N blocks"})
+    streaming: bool = field(default=False, metadata={"help": "stream the dataset (needs --max_steps)"})
+    validation_split_percentage: int = field(default=5)
+
+
+def parse_arguments(argv: Optional[list[str]] = None) -> tuple:
+    """Parse and check every flag; bad input exits here, before any data is read."""
+    argv = sys.argv[1:] if argv is None else argv
+    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, TrainingArguments, GASLoCArguments))
+    given = {arg.split("=")[0] for arg in argv if arg.startswith("--")}
+    embedded = not given & {"--model_name_or_path", "--config_name", "--dataset_name", "--train_file"}
+    defaults = dict(EMBEDDED_DEFAULTS) if embedded else {}
+    defaults["use_cpu"] = not torch.cuda.is_available()
+    parser.set_defaults(**defaults)
+    model_args, data_args, training_args, gasloc_args = parser.parse_args_into_dataclasses(argv)
+    try:  # every bad flag fails here, before any data is read or any step is taken
+        plugin = gasloc_args.to_plugin()
+        files = [f for f in (data_args.train_file, data_args.validation_file) if f]
+        if files:
+            data_files_builder(files)
+        if data_args.streaming and training_args.max_steps <= 0:
+            raise ValueError("--streaming needs --max_steps (a stream has no length).")
+    except (ValueError, FileNotFoundError) as error:
+        parser.error(str(error))
+    return model_args, data_args, training_args, plugin, embedded
+
+
+def main() -> None:
+    model_args, data_args, training_args, plugin, embedded = parse_arguments()
+    callbacks = [GASLoCCallback(plugin)] if plugin.enabled else []
+    run(model_args, data_args, training_args, plugin, embedded, callbacks)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def run(model_args, data_args, training_args, plugin, embedded, callbacks) -> Trainer:
+    """Train, evaluate and save; every rank calls it. Returns the Trainer."""
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        level=logging.INFO if training_args.should_log else logging.WARNING)
+    transformers.utils.logging.set_verbosity(logging.INFO if training_args.should_log else logging.WARNING)
+    logger.info("world size %d, GASLoC %s", training_args.world_size, plugin.to_dict())
+    set_seed(training_args.seed)
+
+    if embedded:
+        data_args.train_file = str(HERE / "data" / "pydocs_train.parquet")
+        data_args.validation_file = str(HERE / "data" / "pydocs_validation.parquet")
+    tokenizer = AutoTokenizer.from_pretrained(
+        model_args.tokenizer_name or model_args.model_name_or_path or HERE / "data" / "tokenizer"
+    )
+    model = load_model(model_args, len(tokenizer))
+    train_blocks, eval_blocks = load_blocks(data_args, training_args, tokenizer, model)
+
+    if data_args.streaming:  # each worker reads its own shard; no per-step broadcast
+        training_args.accelerator_config.dispatch_batches = False
+    accuracy = evaluate.load(str(HERE / "metrics" / "token_accuracy"))
+
+    def compute_metrics(prediction):
+        predictions, labels = prediction
+        # A token predicts the next one: shift, as the model's loss does.
+        return accuracy.compute(predictions=predictions[:, :-1].reshape(-1),
+                                references=labels[:, 1:].reshape(-1))
+
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_blocks,
+        eval_dataset=eval_blocks,
+        processing_class=tokenizer,
+        data_collator=default_data_collator,
+        compute_metrics=compute_metrics,
+        preprocess_logits_for_metrics=lambda logits, labels: logits.argmax(dim=-1),
+        callbacks=callbacks,
+    )
+
+    start = trainer.evaluate(metric_key_prefix="start")
+    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    # After training every rank holds the consensus model (GASLoCCallback.on_train_end).
+    trainer.save_model()
+    trainer.accelerator.wait_for_everyone()  # rank 0's files are complete before anyone reads
+    metrics = dict(result.metrics)
+    metrics["train_samples"] = len(train_blocks) if not data_args.streaming else None
+    trainer.log_metrics("train", metrics)
+    trainer.save_metrics("train", metrics)
+    trainer.save_state()
+
+    eval_metrics = trainer.evaluate()
+    eval_metrics["perplexity"] = _perplexity(eval_metrics["eval_loss"])
+    eval_metrics["start_eval_loss"] = start["start_loss"]
+    eval_metrics["start_perplexity"] = _perplexity(start["start_loss"])
+    trainer.log_metrics("eval", eval_metrics)
+    trainer.save_metrics("eval", eval_metrics)
+    summary = {"world_size": training_args.world_size, "gasloc_topology": plugin.topology,
+           "gasloc_config": plugin.to_dict()}
+    for callback in callbacks:
+        if getattr(callback, "engine", None) is not None:
+            summary.update(callback.engine.metrics())
+    trainer.save_metrics("gasloc", summary)
+    trainer.accelerator.wait_for_everyone()  # a barrier before the group goes away
+    return trainer
+
+
+def load_model(model_args: ModelArguments, vocab_size: int) -> torch.nn.Module:
+    if model_args.model_name_or_path:
+        return AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path)
+    config = AutoConfig.from_pretrained(model_args.config_name or HERE / "configs" / "tiny-llama")
+    if model_args.config_overrides:
+        config.update_from_string(model_args.config_overrides)
+    if config.vocab_size < vocab_size:
+        raise ValueError(f"the tokenizer has {vocab_size} tokens but the model config only "
+                         f"{config.vocab_size}: pass --config_overrides vocab_size={vocab_size}.")
+    model = AutoModelForCausalLM.from_config(config)
+    params = sum(p.numel() for p in model.parameters())
+    logger.info("training a new %s of %.2fM parameters", config.model_type, params / 1e6)
+    return model
+
+
+def load_blocks(data_args, training_args, tokenizer, model):
+    raw = load_text_dataset(
+        data_args.dataset_name, data_args.dataset_config_name, data_args.train_file,
+        data_args.validation_file, data_args.streaming, data_args.validation_split_percentage,
+    )
+    block_size = data_args.block_size or min(1024, model.config.max_position_embeddings)
+    with training_args.main_process_first(desc="tokenizing and packing"):
+        blocks = pack_into_blocks(raw, tokenizer, block_size, data_args.text_column)
+    train, validation = blocks["train"], blocks["validation"]
+    train = _first(train, data_args.max_train_samples, data_args.streaming)
+    validation = _first(validation, data_args.max_eval_samples, data_args.streaming)
+    return train, validation
+
+
+def _first(dataset, count: Optional[int], streaming: bool):
+    if count is None:
+        return dataset
+    return dataset.take(count) if streaming else dataset.select(range(min(count, len(dataset))))
+
+
+def _perplexity(loss: float) -> float:
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return float("inf")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,155 @@
+"""examples/run_clm.py end to end: launched with accelerate on 2 gloo ranks."""
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+
+from hf_gasloc.ddp import disable_gradient_sync
+from hf_gasloc.trainer import _calling_trainer
+
+from .distributed import run_ranks
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "examples" / "run_clm.py"
+SMALL = ["--max_steps", "8", "--max_train_samples", "256", "--max_eval_samples", "32",
+         "--block_size", "64", "--per_device_train_batch_size", "4", "--logging_steps", "4",
+         "--warmup_steps", "1",
+         "--config_overrides", "hidden_size=32,intermediate_size=64,num_hidden_layers=2,"
+         "num_attention_heads=2,num_key_value_heads=1,head_dim=16"]
+
+
+def launch(output_dir, *flags, processes=2):
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(ROOT / "examples/configs/cpu_4proc.yaml"), "--num_processes", str(processes),
+               "--main_process_port", "0", str(SCRIPT), "--output_dir", str(output_dir),
+               *SMALL, *flags]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads((Path(output_dir) / "all_results.json").read_text())
+
+
+def test_default_run_lowers_the_loss_and_writes_results(tmp_path):
+    results = launch(tmp_path, "--gasloc_topology", "1peer", "--gasloc_local_steps", "4",
+                     "--max_steps", "24")
+    assert results["world_size"] == 2
+    assert results["gasloc/rounds"] == 6 and results["gasloc_topology"] == "1peer"
+    assert results["eval_loss"] < results["start_eval_loss"] - 0.3
+    assert results["perplexity"] == pytest.approx(math.exp(results["eval_loss"]))
+    assert 0 <= results["eval_accuracy"] <= 1
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert model.config.hidden_size == 32
+
+
+class DiLoCoCallback(TrainerCallback):
+    """DiLoCo written out plainly: every H optimizer steps, All-Reduce the pseudo-gradient
+    and take a Nesterov step on the anchor."""
+
+    def __init__(self, local_steps, lr, momentum):
+        self.local_steps, self.lr, self.momentum, self.steps = local_steps, lr, momentum, 0
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        trainer, _ = _calling_trainer()
+        disable_gradient_sync(trainer.model_wrapped)
+        args.average_tokens_across_devices = False
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.anchors = [p.detach().clone() for p in self.params]
+        self.buffers = [torch.zeros_like(p) for p in self.params]
+
+    @torch.no_grad()
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.steps += 1
+        if self.steps % self.local_steps:
+            return
+        for param, anchor, buffer in zip(self.params, self.anchors, self.buffers):
+            delta = anchor - param
+            dist.all_reduce(delta)
+            delta /= dist.get_world_size()
+            buffer.mul_(self.momentum).add_(delta)
+            anchor.sub_(self.lr * (delta + self.momentum * buffer))
+            param.copy_(anchor)
+
+
+def _reference(rank, world_size, output_dir, flags, kind):
+    sys.path.insert(0, str(SCRIPT.parent))
+    import run_clm
+
+    model_args, data_args, training_args, plugin, embedded = run_clm.parse_arguments(
+        ["--output_dir", output_dir, *SMALL, *flags])
+    if kind == "diloco":
+        run_clm.run(model_args, data_args, training_args, plugin, embedded,
+                    [DiLoCoCallback(plugin.local_steps, plugin.outer_lr, plugin.outer_momentum)])
+        return None
+    # Plain DDP, built here without the script's run(): the same model and data, a bare Trainer.
+    from transformers import AutoTokenizer, Trainer, default_data_collator, set_seed
+    set_seed(training_args.seed)
+    data_args.train_file = str(SCRIPT.parent / "data" / "pydocs_train.parquet")
+    data_args.validation_file = str(SCRIPT.parent / "data" / "pydocs_validation.parquet")
+    tokenizer = AutoTokenizer.from_pretrained(SCRIPT.parent / "data" / "tokenizer")
+    model = run_clm.load_model(model_args, len(tokenizer))
+    train, validation = run_clm.load_blocks(data_args, training_args, tokenizer, model)
+    trainer = Trainer(model=model, args=training_args, train_dataset=train,
+                      eval_dataset=validation, data_collator=default_data_collator)
+    trainer.evaluate()  # the script measures the starting loss (its loader draws a seed)
+    trainer.train()
+    trainer.save_model()
+    trainer.accelerator.wait_for_everyone()
+    return None
+
+
+def _assert_same_model(left, right, atol):
+    a, b = load_file(Path(left) / "model.safetensors"), load_file(Path(right) / "model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=atol, rtol=0), name
+
+
+def test_complete_matches_a_diloco_reference_run(tmp_path):
+    flags = ["--gasloc_topology", "complete", "--gasloc_local_steps", "4"]
+    launch(tmp_path / "gasloc", *flags)
+    run_ranks(_reference, 2, str(tmp_path / "diloco"), flags, "diloco", init=False)
+    _assert_same_model(tmp_path / "gasloc", tmp_path / "diloco", atol=1e-6)
+
+
+def test_topology_none_is_plain_ddp(tmp_path):
+    results = launch(tmp_path / "none", "--gasloc_topology", "none")
+    assert results["world_size"] == 2 and "gasloc/rounds" not in results
+    run_ranks(_reference, 2, str(tmp_path / "ddp"), ["--gasloc_topology", "none"], "ddp",
+              init=False)
+    _assert_same_model(tmp_path / "none", tmp_path / "ddp", atol=1e-6)
+
+
+def test_resumed_run_ends_bit_for_bit_where_an_uninterrupted_one_does(tmp_path):
+    flags = ["--gasloc_topology", "1peer", "--gasloc_local_steps", "3",
+             "--save_strategy", "steps", "--save_steps", "4"]
+    launch(tmp_path, *flags)
+    uninterrupted = load_file(tmp_path / "model.safetensors")
+    shutil.rmtree(tmp_path / "checkpoint-8")
+    launch(tmp_path, *flags, "--resume_from_checkpoint", str(tmp_path / "checkpoint-4"))
+    resumed = load_file(tmp_path / "model.safetensors")
+    assert all(torch.equal(uninterrupted[k], resumed[k]) for k in uninterrupted)
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--gasloc_topology", "star"], "unknown topology 'star'"),
+    (["--gasloc_local_steps", "0"], "local_steps must be >= 1"),
+    (["--train_file", "missing.parquet"], "data file 'missing.parquet' does not exist"),
+])
+def test_bad_flags_fail_before_training(tmp_path, flags, message):
+    output_dir = tmp_path / "out"
+    done = subprocess.run([sys.executable, str(SCRIPT), "--output_dir", str(output_dir), *flags],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env={**os.environ, "WORLD_SIZE": "1"})
+    assert done.returncode == 2
+    assert message in done.stderr
+    assert not output_dir.exists()
