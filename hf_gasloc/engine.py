@@ -194,7 +194,7 @@ class GASLoC:
         works = [g.work for g in self._groups]
         for g in self._groups:
             g.load_live()
-            g.work.sub_(g.anchor).mul_(eta).add_(g.anchor)  # z = a - eta (a - x)
+            torch.lerp(g.anchor, g.work, eta, out=g.work)  # z = a - eta (a - x); x when eta = 1
         every = self.config.consensus_every
         consensus = self._consensus_distance(works) if every and self.round % every == 0 else None
         stats = self._exchange.mix_(works, self.topology.graph(self.round))
