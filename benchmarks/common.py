@@ -16,21 +16,26 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def spawn(fn: Callable[..., Any], world_size: int, *args: Any) -> list[Any]:
-    """Run ``fn(rank, world_size, *args)`` on gloo ranks; return every rank's result."""
+def spawn(fn: Callable[..., Any], world_size: int, *args: Any, backend: str = "gloo") -> list[Any]:
+    """Run ``fn(rank, world_size, *args)`` on ranks of one process group; return their results.
+
+    ``backend="nccl"`` puts rank ``r`` on ``cuda:r``.
+    """
     with tempfile.TemporaryDirectory() as folder:
         queue = mp.get_context("spawn").SimpleQueue()
-        mp.start_processes(_entry, (world_size, folder, queue, fn, args), nprocs=world_size,
-                           start_method="spawn")
+        mp.start_processes(_entry, (world_size, folder, queue, fn, args, backend),
+                           nprocs=world_size, start_method="spawn")
         results = dict(queue.get() for _ in range(world_size))
     return [results[rank] for rank in range(world_size)]
 
 
-def _entry(rank, world_size, folder, queue, fn, args):
+def _entry(rank, world_size, folder, queue, fn, args, backend):
     threads = max(1, (os.cpu_count() or 1) // world_size)
     torch.set_num_threads(threads)
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
     store = dist.FileStore(os.path.join(folder, "store"), world_size)
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size,
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
                             timeout=timedelta(minutes=10))
     try:
         queue.put((rank, fn(rank, world_size, *args)))

@@ -83,7 +83,7 @@ def _train_and_probe(rank, world_size, output_dir):
     probe = StepProbe()
     arguments = training_arguments(output_dir, max_steps=6, logging_steps=3,
                                    gradient_accumulation_steps=2, eval_strategy="steps",
-                                   eval_steps=4, report_to=["tensorboard"])
+                                   eval_steps=4, report_to=["tensorboard"], bf16=True)
     trainer = Trainer(model=tiny_llama(), args=arguments, train_dataset=train,
                       eval_dataset=validation)
     callback = GASLoCCallback(topology="1peer", local_steps=2)

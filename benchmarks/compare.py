@@ -1,0 +1,249 @@
+"""GASLoC against its baselines on real text: DDP, DiLoCo, gossip AdamW, GASLoC topologies.
+
+    python benchmarks/compare.py --grid all          # every grid below, 4 and 8 workers
+    python benchmarks/compare.py --grid main --workers 4
+    python benchmarks/compare.py --grid h_sweep --device cuda --model_config CONFIG_DIR
+
+Every run trains the same tiny LLaMA (``examples/configs/tiny-llama``, 1.3M
+parameters) from the same initialisation on ``../shared/data/pydocs`` with the
+same global data order and the same token budget (``--tokens``): with ``n``
+workers each step consumes ``n`` batches, worker ``i`` taking the ``i``-th. The
+inner optimizer is AdamW with warmup and cosine decay for every method. Every
+``--eval_every`` steps the consensus model (the workers' average) is evaluated on
+the validation split. Each finished run is a JSON file in ``--output_dir/runs``:
+a rerun skips it, so an interrupted sweep resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from common import command, machine, spawn, table
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "pydocs"
+
+
+@dataclass(frozen=True)
+class Run:
+    """One training run of the comparison."""
+
+    method: str
+    topology: str  # "none": DDP
+    workers: int
+    local_steps: int = 30
+    outer_optimizer: str = "nesterov"
+    outer_lr: float = 0.7
+    outer_momentum: float | None = None
+
+    @property
+    def key(self) -> str:
+        momentum = "" if self.outer_momentum is None else f"-m{self.outer_momentum}"
+        return (f"{self.method}-{self.topology}-n{self.workers}-H{self.local_steps}-"
+                f"{self.outer_optimizer}-lr{self.outer_lr}{momentum}")
+
+
+def main_grid(workers: int) -> list[Run]:
+    runs = [Run("DDP", "none", workers, 1),
+            Run("DiLoCo", "complete", workers, 30),
+            Run("gossip AdamW", "1peer", workers, 1, "sgd", 1.0)]
+    for topology in ("1peer", "2peer", "ring", "exponential"):
+        runs += [Run("GASLoC", topology, workers, h) for h in (1, 30)]
+    return runs
+
+
+def h_sweep(workers: int) -> list[Run]:
+    return [Run(method, topology, workers, h)
+            for method, topology in (("DiLoCo", "complete"), ("GASLoC", "2peer"))
+            for h in (1, 5, 10, 30, 60)]
+
+
+def outer_grid(workers: int) -> list[Run]:
+    return [Run(method, topology, workers, 30, name, 0.7 if name != "sgd" else 1.0)
+            for method, topology in (("DiLoCo", "complete"), ("GASLoC", "2peer"))
+            for name in ("sgd", "sgdm", "nesterov")]
+
+
+def lr_momentum_grid(workers: int) -> list[Run]:
+    return [Run(method, topology, workers, 30, "nesterov", lr, momentum)
+            for method, topology in (("DiLoCo", "complete"), ("GASLoC", "2peer"))
+            for lr in (0.4, 0.7, 1.0) for momentum in (0.5, 0.7, 0.9)]
+
+
+GRIDS = {"main": main_grid, "h_sweep": h_sweep, "outer": outer_grid, "lr_momentum": lr_momentum_grid}
+# The sweeps run at the first worker count only; "main" runs at every count.
+SWEEPS_AT_FIRST_COUNT = ("h_sweep", "outer", "lr_momentum")
+
+
+@dataclass(frozen=True)
+class Settings:
+    model_config: str
+    tokens: int
+    batch_size: int
+    block_size: int
+    learning_rate: float
+    eval_every: int
+    eval_blocks: int
+    device: str
+    data_cache: str
+
+
+def prepare_data(settings_dir: Path, block_size: int) -> str:
+    """Tokenize and pack pydocs once; every run reads the same tensors."""
+    from transformers import AutoTokenizer
+
+    from hf_gasloc.data import load_text_dataset, pack_into_blocks
+
+    cache = settings_dir / f"pydocs_blocks{block_size}.pt"
+    if not cache.exists():
+        tokenizer = AutoTokenizer.from_pretrained(ROOT / "examples" / "data" / "tokenizer")
+        raw = load_text_dataset(train_file=str(DATA / "train.parquet"),
+                                validation_file=str(DATA / "validation.parquet"))
+        packed = pack_into_blocks(raw, tokenizer, block_size)
+        torch.save({split: torch.tensor(packed[split]["input_ids"]) for split in packed}, cache)
+    return str(cache)
+
+
+def _train(rank: int, world_size: int, run: Run, settings: Settings) -> dict:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from hf_gasloc import GASLoC
+
+    device = torch.device(f"cuda:{rank}" if settings.device == "cuda" else "cpu")
+    data = torch.load(settings.data_cache)
+    train, validation = data["train"], data["validation"][: settings.eval_blocks]
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))
+    steps = settings.tokens // (world_size * settings.batch_size * settings.block_size)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(settings.model_config)).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate, weight_decay=0.1)
+    warmup = max(1, steps // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(
+        (s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))))
+    engine = None
+    if run.topology == "none":
+        model = torch.nn.parallel.DistributedDataParallel(model)
+    else:
+        engine = GASLoC(model, optimizer, topology=run.topology, local_steps=run.local_steps,
+                        outer_optimizer=run.outer_optimizer, outer_lr=run.outer_lr,
+                        outer_momentum=run.outer_momentum)
+    numel = sum(p.numel() for p in model.parameters())
+
+    def evaluate() -> float:
+        net = model.module if engine is None else model
+        shard = validation[rank::world_size].to(device)
+        total = torch.zeros(2, dtype=torch.float64, device=device)
+        net.eval()
+        with torch.no_grad():
+            for i in range(0, len(shard), 16):
+                batch = shard[i : i + 16]
+                total[0] += net(input_ids=batch, labels=batch).loss.double() * len(batch)
+                total[1] += len(batch)
+        net.train()
+        dist.all_reduce(total)
+        return float(total[0] / total[1])
+
+    def consensus_evaluate() -> float:
+        if engine is None:
+            return evaluate()
+        with engine.consensus_model():
+            return evaluate()
+
+    curve, eval_seconds, start = [], 0.0, time.perf_counter()
+    for step in range(steps):
+        first = (step * world_size + rank) * settings.batch_size
+        batch = train[order[torch.arange(first, first + settings.batch_size) % len(train)]].to(device)
+        model(input_ids=batch, labels=batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        schedule.step()
+        if (step + 1) % settings.eval_every == 0 or step + 1 == steps:
+            tick = time.perf_counter()
+            curve.append((step + 1, consensus_evaluate()))
+            eval_seconds += time.perf_counter() - tick
+    wall = time.perf_counter() - start - eval_seconds
+    distance = _consensus_distance(model, world_size)
+    if engine is None:  # gradient All-Reduce every step: a ring sends 2 (n-1)/n of the model
+        bytes_sent = steps * 2 * (world_size - 1) * numel * 4 // world_size
+    else:
+        bytes_sent = engine.totals.bytes_sent
+    return {"run": asdict(run), "key": run.key, "steps": steps, "curve": curve,
+            "final_loss": curve[-1][1], "consensus_distance": distance,
+            "bytes_sent_per_worker": bytes_sent, "train_seconds": wall,
+            "tokens": steps * world_size * settings.batch_size * settings.block_size}
+
+
+@torch.no_grad()
+def _consensus_distance(model: torch.nn.Module, world_size: int) -> float:
+    """Exact ``mean_i ||x_i - x_bar||^2 / ||x_bar||^2`` of the live parameters."""
+    mine = torch.cat([p.detach().float().reshape(-1) for p in model.parameters()])
+    mean = mine.clone()
+    dist.all_reduce(mean)
+    mean /= world_size
+    spread = torch.tensor([float((mine - mean).pow(2).sum())], dtype=torch.float64)
+    dist.all_reduce(spread)
+    return float(spread) / world_size / float(mean.pow(2).sum())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--grid", nargs="+", default=["all"], choices=[*GRIDS, "all"])
+    parser.add_argument("--workers", type=int, nargs="+", default=[4, 8])
+    parser.add_argument("--output_dir", default=str(ROOT / "outputs" / "compare"))
+    parser.add_argument("--model_config", default=str(ROOT / "examples" / "configs" / "tiny-llama"))
+    parser.add_argument("--tokens", type=int, default=600_000, help="token budget of every run")
+    parser.add_argument("--batch_size", type=int, default=8, help="blocks per worker per step")
+    parser.add_argument("--block_size", type=int, default=64)
+    parser.add_argument("--learning_rate", type=float, default=3e-3)
+    parser.add_argument("--eval_every", type=int, default=25)
+    parser.add_argument("--eval_blocks", type=int, default=256)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    args = parser.parse_args()
+
+    output = Path(args.output_dir)
+    (output / "runs").mkdir(parents=True, exist_ok=True)
+    settings = Settings(args.model_config, args.tokens, args.batch_size, args.block_size,
+                        args.learning_rate, args.eval_every, args.eval_blocks, args.device,
+                        prepare_data(output, args.block_size))
+    grids = list(GRIDS) if "all" in args.grid else args.grid
+    runs: dict[str, Run] = {}
+    for name in grids:
+        counts = args.workers[:1] if name in SWEEPS_AT_FIRST_COUNT else args.workers
+        for workers in counts:
+            runs.update({run.key: run for run in GRIDS[name](workers)})
+    done = {p.stem for p in (output / "runs").glob("*.json")}
+    todo = [run for key, run in runs.items() if key not in done]
+    print(f"{len(runs)} runs in {', '.join(grids)}; {len(runs) - len(todo)} already done")
+    backend = "nccl" if args.device == "cuda" else "gloo"
+    for run in tqdm(todo, desc="runs"):
+        result = spawn(_train, run.workers, run, settings, backend=backend)[0]
+        result["settings"] = {k: v for k, v in asdict(settings).items() if k != "data_cache"}
+        (output / "runs" / f"{run.key}.json").write_text(json.dumps(result, indent=1))
+        tqdm.write(f"{run.key}: final loss {result['final_loss']:.3f} "
+                   f"in {result['train_seconds']:.0f}s")
+    results = [json.loads((output / "runs" / f"{key}.json").read_text()) for key in runs]
+    rows = [[r["run"]["method"], r["run"]["topology"], r["run"]["workers"],
+             r["run"]["local_steps"], r["run"]["outer_optimizer"], r["run"]["outer_lr"],
+             r["run"]["outer_momentum"] if r["run"]["outer_momentum"] is not None else "-",
+             f"{r['final_loss']:.3f}", f"{r['consensus_distance']:.2e}",
+             f"{r['bytes_sent_per_worker'] / 1e6:.0f}", f"{r['train_seconds']:.0f}"]
+            for r in results]
+    summary = (f"Command: `{command()}`\nMachine: {machine()}\n\n" + table(
+        ["method", "topology", "workers", "H", "outer", "outer lr", "momentum",
+         "final val loss", "consensus dist.", "MB sent / worker", "train s"], rows))
+    (output / "summary.md").write_text(summary + "\n")
+    print(summary)
+
+
+if __name__ == "__main__":
+    main()
