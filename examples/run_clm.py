@@ -43,6 +43,7 @@ from transformers import (
 
 from hf_gasloc import GASLoCArguments
 from hf_gasloc.data import data_files_builder, load_text_dataset, pack_into_blocks
+from hf_gasloc.recipes import load_recipe
 from hf_gasloc.trainer import GASLoCCallback
 
 HERE = Path(__file__).resolve().parent
@@ -63,6 +64,28 @@ EMBEDDED_DEFAULTS = dict(
     report_to="none",
     block_size=128,
     gasloc_local_steps="10",
+)
+
+# --recipe_smoke_test: the recipe's settings on a shrunk model, a few CPU steps, the embedded tokenizer.
+SMOKE_TEST = dict(
+    config_overrides="hidden_size=64,intermediate_size=128,num_hidden_layers=2,num_attention_heads=2,"
+    "num_key_value_heads=2,head_dim=32,vocab_size=4096,max_position_embeddings=128",
+    tokenizer_name=str(HERE / "data" / "tokenizer"),
+    block_size=64,
+    per_device_train_batch_size=2,
+    per_device_eval_batch_size=4,
+    gradient_accumulation_steps=1,
+    max_steps=4,
+    warmup_steps=0,
+    max_eval_samples=8,
+    validation_documents=16,
+    eval_strategy="no",
+    save_strategy="no",
+    logging_steps=2,
+    bf16=False,
+    report_to="none",
+    dataloader_num_workers=0,
+    gasloc_local_steps="2",
 )
 
 
@@ -94,28 +117,69 @@ class DataTrainingArguments:
     max_eval_samples: Optional[int] = field(default=None, metadata={"help": "keep the first N blocks"})
     streaming: bool = field(default=False, metadata={"help": "stream the dataset (needs --max_steps)"})
     validation_split_percentage: int = field(default=5)
+    validation_documents: int = field(
+        default=1000, metadata={"help": "streamed data without a validation split: hold out the first N documents"}
+    )
+
+
+@dataclass
+class RecipeArguments:
+    recipe: Optional[str] = field(default=None, metadata={"help": "a recipes/*.yaml file; flags override it"})
+    recipe_smoke_test: bool = field(
+        default=False, metadata={"help": "run the recipe on a shrunk model for a few CPU steps"}
+    )
 
 
 def parse_arguments(argv: Optional[list[str]] = None) -> tuple:
     """Parse and check every flag; bad input exits here, before any data is read."""
     argv = sys.argv[1:] if argv is None else argv
-    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, TrainingArguments, GASLoCArguments))
-    given = {arg.split("=")[0] for arg in argv if arg.startswith("--")}
-    embedded = not given & {"--model_name_or_path", "--config_name", "--dataset_name", "--train_file"}
+    parser = HfArgumentParser(
+        (ModelArguments, DataTrainingArguments, TrainingArguments, GASLoCArguments, RecipeArguments)
+    )
+    given = {arg.split("=")[0].lstrip("-") for arg in argv if arg.startswith("--")}
+    recipe_path, smoke = _recipe_flags(argv)
+    try:
+        recipe = load_recipe(recipe_path, [a.dest for a in parser._actions]) if recipe_path else None
+    except (ValueError, FileNotFoundError) as error:
+        parser.error(str(error))
+    settings = dict(recipe.arguments) if recipe else {}
+    embedded = not (given | set(settings)) & {"model_name_or_path", "config_name", "dataset_name", "train_file"}
     defaults = dict(EMBEDDED_DEFAULTS) if embedded else {}
+    defaults.update(settings)
+    defaults.update(SMOKE_TEST if smoke else {})
     defaults["use_cpu"] = not torch.cuda.is_available()
     parser.set_defaults(**defaults)
-    model_args, data_args, training_args, gasloc_args = parser.parse_args_into_dataclasses(argv)
+    model_args, data_args, training_args, gasloc_args, _ = parser.parse_args_into_dataclasses(argv)
     try:  # every bad flag fails here, before any data is read or any step is taken
         plugin = gasloc_args.to_plugin()
         files = [f for f in (data_args.train_file, data_args.validation_file) if f]
         if files:
             data_files_builder(files)
+        if recipe and "max_steps" not in given | set(defaults):
+            training_args.max_steps = recipe.max_steps(
+                training_args.world_size, training_args.per_device_train_batch_size,
+                training_args.gradient_accumulation_steps, data_args.block_size or 1024,
+            )
         if data_args.streaming and training_args.max_steps <= 0:
             raise ValueError("--streaming needs --max_steps (a stream has no length).")
     except (ValueError, FileNotFoundError) as error:
         parser.error(str(error))
+    if recipe and recipe.workers != training_args.world_size:
+        logger.warning("recipe %s was planned for %d workers; this run has %d (max_steps=%d keeps "
+                       "its token budget)", recipe.path, recipe.workers, training_args.world_size,
+                       training_args.max_steps)
     return model_args, data_args, training_args, plugin, embedded
+
+
+def _recipe_flags(argv: list[str]) -> tuple[Optional[str], bool]:
+    """``--recipe`` and ``--recipe_smoke_test`` are needed before the full parse."""
+    import argparse
+
+    early = argparse.ArgumentParser(add_help=False)
+    early.add_argument("--recipe")
+    early.add_argument("--recipe_smoke_test", nargs="?", const="true", default="false")
+    known, _ = early.parse_known_args(argv)
+    return known.recipe, str(known.recipe_smoke_test).lower() in ("true", "1", "yes")
 
 
 def main() -> None:
@@ -171,7 +235,8 @@ def run(model_args, data_args, training_args, plugin, embedded, callbacks) -> Tr
     trainer.save_model()
     trainer.accelerator.wait_for_everyone()  # rank 0's files are complete before anyone reads
     metrics = dict(result.metrics)
-    metrics["train_samples"] = len(train_blocks) if not data_args.streaming else None
+    if not data_args.streaming:
+        metrics["train_samples"] = len(train_blocks)
     trainer.log_metrics("train", metrics)
     trainer.save_metrics("train", metrics)
     trainer.save_state()
@@ -211,6 +276,7 @@ def load_blocks(data_args, training_args, tokenizer, model):
     raw = load_text_dataset(
         data_args.dataset_name, data_args.dataset_config_name, data_args.train_file,
         data_args.validation_file, data_args.streaming, data_args.validation_split_percentage,
+        data_args.validation_documents,
     )
     block_size = data_args.block_size or min(1024, model.config.max_position_embeddings)
     with training_args.main_process_first(desc="tokenizing and packing"):

@@ -41,11 +41,14 @@ def load_text_dataset(
     validation_file: str | None = None,
     streaming: bool = False,
     validation_split_percentage: int = 5,
+    validation_documents: int = 1000,
 ) -> DatasetDict | IterableDatasetDict:
     """``train`` and ``validation`` splits from local files or a hub dataset.
 
-    A dataset without a validation split gets one cut from its train split
-    (not possible when streaming: give ``validation_file`` then).
+    A dataset without a validation split gets one cut from its train split:
+    ``validation_split_percentage`` percent of it, or, when streaming (FineWeb
+    has a train split only), its first ``validation_documents`` documents,
+    which training then skips.
     """
     if dataset_name is None and train_file is None:
         raise ValueError("give a dataset: --dataset_name (hub) or --train_file (local file).")
@@ -59,8 +62,9 @@ def load_text_dataset(
         raw = load_dataset(dataset_name, dataset_config_name, streaming=streaming)
     if "validation" not in raw:
         if streaming:
-            raise ValueError(
-                "a streamed dataset without a validation split needs --validation_file."
+            stream = raw["train"]
+            return IterableDatasetDict(
+                train=stream.skip(validation_documents), validation=stream.take(validation_documents)
             )
         split = raw["train"].train_test_split(test_size=validation_split_percentage / 100, seed=0)
         raw = DatasetDict(train=split["train"], validation=split["test"])

@@ -1,0 +1,119 @@
+"""Plot the results of ``benchmarks/compare.py`` as PNGs.
+
+    python benchmarks/plot_compare.py --runs outputs/compare/runs --output_dir docs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from compare import h_sweep, lr_momentum_grid, main_grid  # noqa: E402
+
+
+def label(run: dict) -> str:
+    if run["method"] in ("DDP", "DiLoCo", "gossip AdamW"):
+        return run["method"]
+    return f"GASLoC {run['topology']} H={run['local_steps']}"
+
+
+def load(folder: Path) -> dict[str, dict]:
+    return {p.stem: json.loads(p.read_text()) for p in folder.glob("*.json")}
+
+
+def curves(results: dict, counts: list[int], path: Path) -> None:
+    figure, axes = plt.subplots(1, len(counts), figsize=(6 * len(counts), 4.5), squeeze=False)
+    for ax, workers in zip(axes[0], counts):
+        for run in main_grid(workers):
+            result = results.get(run.key)
+            if result:
+                steps, losses = zip(*result["curve"])
+                style = "--" if run.local_steps == 1 and run.method == "GASLoC" else "-"
+                ax.plot(steps, losses, style, label=label(result["run"]))
+        ax.set(title=f"{workers} workers", xlabel="step", ylabel="validation loss (consensus)")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    _save(figure, path)
+
+
+def loss_vs_h(results: dict, workers: int, path: Path) -> None:
+    figure, ax = plt.subplots(figsize=(6, 4.5))
+    for method in ("DiLoCo", "GASLoC"):
+        points = sorted((r.local_steps, results[r.key]["final_loss"])
+                        for r in h_sweep(workers) if r.method == method and r.key in results)
+        if points:
+            ax.plot(*zip(*points), "o-", label=method if method == "DiLoCo" else "GASLoC 2peer")
+    ax.set(xscale="log", xlabel="local steps H", ylabel="final validation loss",
+           title=f"final loss vs. H ({workers} workers)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    _save(figure, path)
+
+
+def loss_vs_workers(results: dict, counts: list[int], path: Path) -> None:
+    figure, ax = plt.subplots(figsize=(6, 4.5))
+    for index, run in enumerate(main_grid(counts[0])):
+        points = []
+        for workers in counts:
+            key = main_grid(workers)[index].key
+            if key in results:
+                points.append((workers, results[key]["final_loss"]))
+        if points:
+            ax.plot(*zip(*points), "o-", label=label(results[run.key]["run"]) if run.key in results else run.method)
+    ax.set(xlabel="workers (same token budget)", ylabel="final validation loss",
+           title="final loss vs. number of workers", xticks=counts)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    _save(figure, path)
+
+
+def heat_maps(results: dict, workers: int, path: Path) -> None:
+    runs = lr_momentum_grid(workers)
+    lrs = sorted({r.outer_lr for r in runs})
+    momenta = sorted({r.outer_momentum for r in runs})
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    for ax, method in zip(axes, ("DiLoCo", "GASLoC")):
+        grid = [[float("nan")] * len(lrs) for _ in momenta]
+        for r in runs:
+            if r.method == method and r.key in results:
+                grid[momenta.index(r.outer_momentum)][lrs.index(r.outer_lr)] = results[r.key]["final_loss"]
+        image = ax.imshow(grid, origin="lower", cmap="viridis_r")
+        for i, row in enumerate(grid):
+            for j, value in enumerate(row):
+                ax.text(j, i, f"{value:.3f}", ha="center", va="center", color="white", fontsize=9)
+        ax.set(xticks=range(len(lrs)), xticklabels=lrs, yticks=range(len(momenta)),
+               yticklabels=momenta, xlabel="outer lr", ylabel="outer momentum (Nesterov)",
+               title="DiLoCo (complete)" if method == "DiLoCo" else "GASLoC 2peer")
+        figure.colorbar(image, ax=ax, shrink=0.8)
+    figure.suptitle(f"final validation loss, H=30, {workers} workers")
+    _save(figure, path)
+
+
+def _save(figure, path: Path) -> None:
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    print(f"wrote {path}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", default="outputs/compare/runs")
+    parser.add_argument("--output_dir", default="docs")
+    parser.add_argument("--workers", type=int, nargs="+", default=[4, 8])
+    args = parser.parse_args()
+    results, out = load(Path(args.runs)), Path(args.output_dir)
+    curves(results, args.workers, out / "compare_curves.png")
+    loss_vs_h(results, args.workers[0], out / "compare_loss_vs_h.png")
+    loss_vs_workers(results, args.workers, out / "compare_loss_vs_workers.png")
+    heat_maps(results, args.workers[0], out / "compare_lr_momentum.png")
+
+
+if __name__ == "__main__":
+    main()
