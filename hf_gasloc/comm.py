@@ -93,6 +93,28 @@ class GossipExchange:
         bytes_sent = sum(m.numel() * m.element_size() for m in messages) * len(peers)
         return ExchangeStats(bytes_sent, seconds, distance)
 
+    def ready_(self, value: float, graph: RoundGraph) -> tuple[float, list[float]]:
+        """Swap one number with the round's peers (the complete graph: their minimum).
+
+        Returns the seconds it took, which is the wait for the peers to be ready,
+        and the peers' numbers.
+        """
+        start = self._clock()
+        mine = torch.tensor([value], dtype=torch.float64, device=self.device)
+        if graph.all_reduce:
+            dist.all_reduce(mine, op=dist.ReduceOp.MIN, group=self.group)
+            return self._clock() - start, [float(mine)]
+        peers = list(graph.peers[self.rank])
+        received = [torch.empty_like(mine) for _ in peers]
+        ops = []
+        for peer, buffer in zip(peers, received):
+            other = self._global_rank[peer]
+            ops += [dist.P2POp(dist.isend, mine, other, self.group),
+                    dist.P2POp(dist.irecv, buffer, other, self.group)]
+        for work in dist.batch_isend_irecv(ops) if ops else []:
+            work.wait()
+        return self._clock() - start, [float(b) for b in received]
+
     def _combine_(self, buffers: list[torch.Tensor], weights: list[float]) -> float:
         """``z <- z + sum_j w_j (z_j - z)``; returns the mean relative peer distance."""
         distance, norm = 0.0, 0.0

@@ -15,6 +15,7 @@ from typing import Any, Callable, Union
 
 import torch
 
+from .adaptive import Auto
 from .topology import TOPOLOGIES, parse_edges
 
 ENV_PREFIX = "ACCELERATE_GASLOC_"
@@ -39,8 +40,11 @@ class GASLoCConfig:
         "'static:0-1,1-2,...', or none (plain DDP, no GASLoC)",
         str,
     )
-    local_steps: int | list[int] | str | None = _setting(
-        30, "inner steps per round H: one number, or one per rank ('30,30,30,15')", str
+    local_steps: int | list[int] | Auto | str | None = _setting(
+        30,
+        "inner steps per round H: one number, one per rank ('30,30,30,15'), or 'auto:30' "
+        "(each worker adapts H_i to its link around the target 30; 'auto' = 'auto:30')",
+        str,
     )
     outer_optimizer: OuterOptimizer | None = _setting(
         "nesterov",
@@ -92,7 +96,9 @@ class GASLoCConfig:
         return self.topology != NO_GOSSIP
 
     def local_steps_for(self, rank: int, world_size: int) -> int:
-        """``H_i`` of ``rank``; a per-rank list must have one value per rank."""
+        """``H_i`` of ``rank`` (the target for ``auto``); a per-rank list needs one value per rank."""
+        if isinstance(self.local_steps, Auto):
+            return self.local_steps.target
         if isinstance(self.local_steps, int):
             return self.local_steps
         if len(self.local_steps) != world_size:
@@ -107,6 +113,8 @@ class GASLoCConfig:
         """Plain values only: for logging and for checking that all ranks agree."""
         values = {f.name: getattr(self, f.name) for f in fields(GASLoCConfig)}
         values["outer_optimizer"] = _describe_optimizer(self.outer_optimizer)
+        if isinstance(self.local_steps, Auto):
+            values["local_steps"] = str(self.local_steps)
         return values
 
     def _check_topology(self) -> None:
@@ -162,13 +170,22 @@ def _describe_optimizer(optimizer: OuterOptimizer) -> Any:
     return repr(optimizer)
 
 
-def _parse_local_steps(value: Any) -> int | list[int]:
+def _parse_local_steps(value: Any) -> int | list[int] | Auto:
+    if isinstance(value, Auto):
+        return value
+    if isinstance(value, str) and value.strip().startswith("auto"):
+        _, _, target = value.strip().partition(":")
+        if target and not target.isdigit() or target == "0":
+            raise ValueError(
+                f"cannot read local_steps={value!r}: write 'auto' or 'auto:H' with a target H >= 1."
+            )
+        return Auto(int(target or 30))
     if isinstance(value, str):
         items = [v.strip() for v in value.split(",")]
         if not all(item.lstrip("-").isdigit() for item in items):
             raise ValueError(
                 f"cannot read local_steps={value!r} (--gasloc_local_steps): give a positive "
-                "integer such as 30, or one per rank such as 30,30,30,15."
+                "integer such as 30, one per rank such as 30,30,30,15, or auto:30."
             )
         value = [int(item) for item in items]
         value = value[0] if len(value) == 1 else value

@@ -7,6 +7,7 @@ A local parquet shard of FineWeb's schema (a ``text`` column) loads exactly like
 
 from __future__ import annotations
 
+import glob
 from itertools import chain
 from pathlib import Path
 from typing import Any
@@ -18,9 +19,9 @@ _BUILDERS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".txt": "
 
 
 def data_files_builder(paths: list[str]) -> str:
-    """The ``datasets`` builder for local files, checking that they exist first."""
+    """The ``datasets`` builder for local files (globs allowed), checking that they exist first."""
     for path in paths:
-        if not Path(path).exists():
+        if not glob.glob(path):
             raise FileNotFoundError(
                 f"data file {path!r} does not exist (--train_file / --validation_file): "
                 "give a local parquet, json, jsonl, text or csv file."

@@ -19,6 +19,7 @@ from typing import Any, Iterable, Iterator
 import torch
 import torch.distributed as dist
 
+from .adaptive import AdaptiveLocalSteps, Auto
 from .agreement import check_ranks_agree
 from .comm import GossipExchange, all_reduce_mean_, communication_device
 from .config import GASLoCConfig
@@ -111,6 +112,9 @@ class GASLoC:
             config.topology, self.world_size, config.seed, config.gossip_weight
         )
         self.local_steps = config.local_steps_for(self.rank, self.world_size)
+        auto = config.local_steps if isinstance(config.local_steps, Auto) else None
+        self.adaptive = AdaptiveLocalSteps(auto.target) if auto else None
+        self._last_step_end: float | None = None
         self._groups = self._allocate(_trainable_parameters(model))
         check_ranks_agree(self._settings_to_agree_on(), process_group)
         self._broadcast_from_rank0()
@@ -155,8 +159,8 @@ class GASLoC:
 
     def _settings_to_agree_on(self) -> dict[str, Any]:
         settings = self.config.to_dict()
-        settings.pop("local_steps")  # may differ per rank on purpose; its list must agree
-        settings["local_steps (all ranks)"] = self.config.local_steps
+        # H_i may differ per rank on purpose, but the list (or rule) must be the same.
+        settings["local_steps (all ranks)"] = settings.pop("local_steps")
         settings["world_size"] = self.world_size
         settings["graphs of the first rounds"] = self.topology.fingerprint()
         settings["parameters (dtype, numel)"] = [
@@ -177,9 +181,14 @@ class GASLoC:
 
     # ------------------------------------------------------------- the round
     def _after_inner_step(self, *_: Any) -> None:
+        now = time.perf_counter()
+        if self.adaptive is not None and self._last_step_end is not None:
+            self.adaptive.observe_step(now - self._last_step_end)
         self.steps_in_round += 1
         if self.steps_in_round >= self.local_steps:
             self.outer_step()
+            now = time.perf_counter()  # the next step's time excludes the outer step
+        self._last_step_end = now
 
     @property
     def outer_lr(self) -> float:
@@ -197,7 +206,11 @@ class GASLoC:
             torch.lerp(g.anchor, g.work, eta, out=g.work)  # z = a - eta (a - x); x when eta = 1
         every = self.config.consensus_every
         consensus = self._consensus_distance(works) if every and self.round % every == 0 else None
-        stats = self._exchange.mix_(works, self.topology.graph(self.round))
+        graph = self.topology.graph(self.round)
+        wait, peers_fastest = None, []
+        if self.adaptive is not None:
+            wait, peers_fastest = self._exchange.ready_(self.adaptive.advertised_fastest(), graph)
+        stats = self._exchange.mix_(works, graph)
         for g in self._groups:
             g.work.sub_(g.anchor).div_(-eta)  # G = (a - z_hat) / eta
         self.outer_optimizer.step()
@@ -211,11 +224,15 @@ class GASLoC:
             outer_step_seconds=time.perf_counter() - start,
             peer_distance=stats.peer_distance,
             consensus_distance=consensus,
+            wait_seconds=wait,
         )
         self.totals.add(metrics)
         self.last_round = metrics
         self.round += 1
         self.steps_in_round = 0
+        if self.adaptive is not None:
+            self.adaptive.observe_round(stats.seconds, peers_fastest)
+            self.local_steps = self.adaptive.next_local_steps()
         return metrics
 
     def _consensus_distance(self, proposals: list[torch.Tensor]) -> float:
@@ -297,6 +314,7 @@ class GASLoC:
             "anchors": [g.anchor for g in self._groups],
             "outer_optimizer": self.outer_optimizer.state_dict(),
             "totals": dataclasses.asdict(self.totals),
+            "adaptive": None if self.adaptive is None else self.adaptive.state_dict(),
         }
 
     @torch.no_grad()
@@ -320,6 +338,9 @@ class GASLoC:
         self.round = state["round"]
         self.steps_in_round = state["steps_in_round"]
         self.totals = Totals(**state["totals"])
+        self.local_steps = state["local_steps"]
+        if self.adaptive is not None and state.get("adaptive") is not None:
+            self.adaptive.load_state_dict(state["adaptive"])
 
     def detach(self) -> None:
         """Stop counting inner steps; the model keeps its current parameters."""

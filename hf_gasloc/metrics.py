@@ -14,7 +14,9 @@ class RoundMetrics:
     ``mean_i ||z_i - z_bar||^2 / ||z_bar||^2`` over all workers, and is only
     computed on the rounds that ``consensus_every`` asks for (one extra All-Reduce).
     ``bytes_sent`` counts this worker's outgoing payload (for the complete graph,
-    the ``2 (n - 1) / n`` model sizes a ring All-Reduce sends).
+    the ``2 (n - 1) / n`` model sizes a ring All-Reduce sends). With adaptive
+    ``H_i``, ``wait_seconds`` is the time spent waiting for the peers to be ready and
+    ``comm_seconds`` the transfer alone.
     """
 
     round: int
@@ -24,6 +26,7 @@ class RoundMetrics:
     outer_step_seconds: float
     peer_distance: float | None = None
     consensus_distance: float | None = None
+    wait_seconds: float | None = None
 
 
 @dataclass
@@ -60,4 +63,6 @@ def as_log(metrics: RoundMetrics | None, totals: Totals, prefix: str = "gasloc/"
             log["peer_distance"] = metrics.peer_distance
         if metrics.consensus_distance is not None:
             log["consensus_distance"] = metrics.consensus_distance
+        if metrics.wait_seconds is not None:
+            log["wait_seconds"] = metrics.wait_seconds
     return {prefix + key: value for key, value in log.items()}
