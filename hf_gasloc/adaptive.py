@@ -1,20 +1,27 @@
-"""Adaptive ``H_i`` (``local_steps="auto"`` or ``"auto:H"``): a worker on a slow link takes fewer steps.
+"""Adaptive ``H_i`` (``local_steps="auto"`` or ``"auto:H"``): workers on slow links take fewer steps.
 
-The rule, on every worker ``i`` after every round::
+A gossip exchange ends when its slowest transfer ends, and it blocks both ends.
+So when worker ``i`` meets a peer on a slow link, **both** must start the exchange
+early, or everyone they meet next round waits for them and the delay spreads to
+the whole network. The rule, on every worker ``i``, before every round ``r``::
 
-    s_i     moving average (factor 0.3) of its inner-step time
-    l_i     its link time: the fastest of its last 8 transfers (the model exchange
-            alone, after a tiny message has told it that its peers are ready)
-    l_fast  the fastest link time anywhere, spread by gossip: each round a worker
-            sends min(l_i, what its peers said last round) along with the ready message
-    H_i     = clamp(round(H - (l_i - l_fast) / s_i), 1, H)
+    s_i       moving average (factor 0.3) of its inner-step time
+    l_j       link time of worker j: the fastest of j's last 8 transfers (the model
+              exchange alone; a tiny message first tells it that its peers are ready).
+              Every worker keeps a table of all l_j, merged with its peers' tables
+              at each exchange, the freshest entry winning
+    l_round   max of l_j over i and its peers in round r (the graph is known
+              in advance: it comes from the shared seed)
+    l_fast    min of all known l_j
+    H_i(r)  = clamp(round(H - (l_round - l_fast) / s_i), 1, H)
 
-So a round of worker ``i`` takes about ``H_i s_i + l_i = H s_i + l_fast``: the round
-time of a worker at ``H`` on the fastest link. Taking the fastest recent transfer
-makes ``l_i`` a property of the worker's own link: a fast worker that was paired
-with a straggler once still sees its fast transfers. On a complete graph every
-transfer is paced by the slowest link, so every ``l_i`` is the same and ``H_i = H``:
-DiLoCo cannot adapt. Round 0 uses ``H``.
+A round then takes about ``H_i s_i + l_round = H s_i + l_fast`` everywhere: the
+round time of a worker at ``H`` on the fastest link. Taking the fastest recent
+transfer makes ``l_j`` a property of ``j``'s own link (a fast worker that met a
+straggler once still shows its fast transfers). The complete graph does not
+adapt: its All-Reduce is paced by the slowest link for everyone, and shortening
+every worker's round would only lose compute (DiLoCo cannot do this). Round 0,
+and any round before ``i`` has measured itself, uses ``H``.
 """
 
 from __future__ import annotations
@@ -22,6 +29,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
+
+import torch
 
 EMA = 0.3
 WINDOW = 8
@@ -38,43 +47,50 @@ class Auto:
 
 
 class AdaptiveLocalSteps:
-    """The measurements and the rule above, for one worker."""
+    """The measurements, the link table and the rule above, for one worker."""
 
-    def __init__(self, target: int):
-        self.target = target
+    def __init__(self, target: int, rank: int, world_size: int):
+        self.target, self.rank = target, rank
         self.step_seconds: float | None = None
         self.transfers: deque[float] = deque(maxlen=WINDOW)
-        self.fastest_link: float | None = None
-
-    @property
-    def link_seconds(self) -> float | None:
-        return min(self.transfers) if self.transfers else None
+        self.links = [float("nan")] * world_size  # nan: not known yet
+        self.stamps = [-1] * world_size  # the round each entry was measured in
 
     def observe_step(self, seconds: float) -> None:
         previous = self.step_seconds
         self.step_seconds = seconds if previous is None else (1 - EMA) * previous + EMA * seconds
 
-    def observe_round(self, transfer_seconds: float, peers_fastest: list[float]) -> None:
-        """Record this round's transfer and what the peers believe is the fastest link."""
-        self.transfers.append(transfer_seconds)
-        self.fastest_link = min([self.link_seconds, *peers_fastest])
+    def observe_transfer(self, round_index: int, seconds: float) -> None:
+        self.transfers.append(seconds)
+        self.links[self.rank] = min(self.transfers)
+        self.stamps[self.rank] = round_index
 
-    def advertised_fastest(self) -> float:
-        """What this worker tells its peers (infinity before it has measured anything)."""
-        known = [v for v in (self.link_seconds, self.fastest_link) if v is not None]
-        return min(known) if known else float("inf")
+    def table(self) -> torch.Tensor:
+        """What this worker sends its peers: every known link time, then its round stamp."""
+        return torch.tensor(self.links + [float(s) for s in self.stamps], dtype=torch.float64)
 
-    def next_local_steps(self) -> int:
-        if self.step_seconds is None or self.link_seconds is None or self.fastest_link is None:
+    def merge(self, table: torch.Tensor) -> None:
+        """Take the peer's entries that are fresher than ours."""
+        n = len(self.links)
+        for j, (link, stamp) in enumerate(zip(table[:n].tolist(), table[n:].tolist())):
+            if stamp > self.stamps[j]:
+                self.links[j], self.stamps[j] = link, int(stamp)
+
+    def local_steps(self, peers: list[int]) -> int:
+        """``H_i`` for a round in which this worker meets ``peers``."""
+        mine = self.links[self.rank]
+        if self.step_seconds is None or mine != mine:  # nan: not measured yet
             return self.target
-        spare = (self.link_seconds - self.fastest_link) / max(self.step_seconds, 1e-9)
+        known = [link for link in self.links if link == link]
+        slowest = max([mine] + [self.links[j] for j in peers if self.links[j] == self.links[j]])
+        spare = (slowest - min(known)) / max(self.step_seconds, 1e-9)
         return max(1, min(self.target, round(self.target - spare)))
 
     def state_dict(self) -> dict[str, Any]:
         return {"step_seconds": self.step_seconds, "transfers": list(self.transfers),
-                "fastest_link": self.fastest_link}
+                "links": list(self.links), "stamps": list(self.stamps)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step_seconds = state["step_seconds"]
         self.transfers = deque(state["transfers"], maxlen=WINDOW)
-        self.fastest_link = state["fastest_link"]
+        self.links, self.stamps = list(state["links"]), list(state["stamps"])

@@ -93,27 +93,23 @@ class GossipExchange:
         bytes_sent = sum(m.numel() * m.element_size() for m in messages) * len(peers)
         return ExchangeStats(bytes_sent, seconds, distance)
 
-    def ready_(self, value: float, graph: RoundGraph) -> tuple[float, list[float]]:
-        """Swap one number with the round's peers (the complete graph: their minimum).
+    def ready_(self, table: torch.Tensor, graph: RoundGraph) -> tuple[float, list[torch.Tensor]]:
+        """Swap a small tensor with the round's peers before the model exchange.
 
-        Returns the seconds it took, which is the wait for the peers to be ready,
-        and the peers' numbers.
+        Returns the seconds it took (the wait for the peers to be ready) and what
+        each peer sent.
         """
         start = self._clock()
-        mine = torch.tensor([value], dtype=torch.float64, device=self.device)
-        if graph.all_reduce:
-            dist.all_reduce(mine, op=dist.ReduceOp.MIN, group=self.group)
-            return self._clock() - start, [float(mine)]
-        peers = list(graph.peers[self.rank])
-        received = [torch.empty_like(mine) for _ in peers]
+        mine = table.to(self.device)
+        received = [torch.empty_like(mine) for _ in graph.peers[self.rank]]
         ops = []
-        for peer, buffer in zip(peers, received):
+        for peer, buffer in zip(graph.peers[self.rank], received):
             other = self._global_rank[peer]
             ops += [dist.P2POp(dist.isend, mine, other, self.group),
                     dist.P2POp(dist.irecv, buffer, other, self.group)]
         for work in dist.batch_isend_irecv(ops) if ops else []:
             work.wait()
-        return self._clock() - start, [float(b) for b in received]
+        return self._clock() - start, [b.cpu() for b in received]
 
     def _combine_(self, buffers: list[torch.Tensor], weights: list[float]) -> float:
         """``z <- z + sum_j w_j (z_j - z)``; returns the mean relative peer distance."""

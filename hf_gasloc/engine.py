@@ -113,7 +113,8 @@ class GASLoC:
         )
         self.local_steps = config.local_steps_for(self.rank, self.world_size)
         auto = config.local_steps if isinstance(config.local_steps, Auto) else None
-        self.adaptive = AdaptiveLocalSteps(auto.target) if auto else None
+        adapts = auto is not None and config.topology != "complete"
+        self.adaptive = AdaptiveLocalSteps(auto.target, self.rank, self.world_size) if adapts else None
         self._last_step_end: float | None = None
         self._groups = self._allocate(_trainable_parameters(model))
         check_ranks_agree(self._settings_to_agree_on(), process_group)
@@ -207,9 +208,11 @@ class GASLoC:
         every = self.config.consensus_every
         consensus = self._consensus_distance(works) if every and self.round % every == 0 else None
         graph = self.topology.graph(self.round)
-        wait, peers_fastest = None, []
+        wait = None
         if self.adaptive is not None:
-            wait, peers_fastest = self._exchange.ready_(self.adaptive.advertised_fastest(), graph)
+            wait, tables = self._exchange.ready_(self.adaptive.table(), graph)
+            for table in tables:
+                self.adaptive.merge(table)
         stats = self._exchange.mix_(works, graph)
         for g in self._groups:
             g.work.sub_(g.anchor).div_(-eta)  # G = (a - z_hat) / eta
@@ -231,8 +234,10 @@ class GASLoC:
         self.round += 1
         self.steps_in_round = 0
         if self.adaptive is not None:
-            self.adaptive.observe_round(stats.seconds, peers_fastest)
-            self.local_steps = self.adaptive.next_local_steps()
+            if graph.peers[self.rank]:  # a worker sitting the round out measured nothing
+                self.adaptive.observe_transfer(metrics.round, stats.seconds)
+            peers = list(self.topology.graph(self.round).peers[self.rank])
+            self.local_steps = self.adaptive.local_steps(peers)
         return metrics
 
     def _consensus_distance(self, proposals: list[torch.Tensor]) -> float:

@@ -1,0 +1,178 @@
+"""Compute utilization of DDP, DiLoCo and GASLoC with heterogeneous links: a model.
+
+    python -m hf_gasloc.simulate --params 1e9 --workers 16 --bandwidth_gbps 10 --straggler 0.2
+    python -m hf_gasloc.simulate --plot docs/utilization.png     # the paper's figure
+
+Utilization is the fraction of wall time the workers spend computing, averaged
+over workers. Notation: ``M = params * bytes_per_param`` (the message), ``t`` the
+inner-step compute time (the same on every worker), ``B_i`` worker ``i``'s link
+bandwidth in bytes/s, ``L`` the latency of one message, ``n`` workers, ``H`` the
+local steps.
+
+- **DDP**: every step a ring All-Reduce of the gradients, paced by the slowest
+  link: ``T_ar = 2 (n-1)/n * M / min_i B_i + 2 (n-1) L``; ``U = t / (t + T_ar)``.
+- **DiLoCo**: the same All-Reduce every ``H`` steps: ``U = H t / (H t + T_ar)``.
+- **GASLoC k-peer** (k = 1 for ``1peer``, 2 for ``2peer``): in round ``r`` worker
+  ``i`` meets its peers ``P_i(r)`` (drawn by ``hf_gasloc.topology`` from the seed).
+  Every worker sends its ``k`` messages one after the other over its own link,
+  so a worker's part takes ``k M / B_j``, and an exchange ends when its slowest
+  participant is done: ``x_i(r) = max_{j in {i} + P_i(r)} k M / B_j + L``.
+  Each worker takes ``H_i(r) = clamp(round(H - (x_i(r) - x_fast) / t), 1, H)``
+  steps, ``x_fast = k M / max_j B_j + L`` (the rule of ``hf_gasloc/adaptive.py``),
+  so the round takes ``R(r) = max_i (H_i(r) t + x_i(r))`` and
+  ``U = sum_r sum_i H_i(r) t / (n sum_r R(r))`` over ``--rounds`` rounds.
+  With ``--fixed`` every ``H_i = H`` instead.
+
+Assumptions: compute and communication do not overlap; links are full duplex;
+all workers compute equally fast (stragglers are slow links only); rounds stay in
+step because every exchange blocks both ends; the All-Reduce is a
+bandwidth-optimal ring; memory traffic and the outer optimizer cost nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+from .topology import build_topology
+
+GBIT = 1e9 / 8  # bytes per second in one Gbit/s
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """What the model needs to know; bandwidths in bytes per second."""
+
+    params: float
+    step_time: float
+    bandwidths: tuple[float, ...]
+    latency: float = 0.0
+    local_steps: int = 30
+    bytes_per_param: float = 2.0
+
+    @property
+    def workers(self) -> int:
+        return len(self.bandwidths)
+
+    @property
+    def message(self) -> float:
+        return self.params * self.bytes_per_param
+
+
+def all_reduce_seconds(cluster: Cluster) -> float:
+    n = cluster.workers
+    return 2 * (n - 1) / n * cluster.message / min(cluster.bandwidths) + 2 * (n - 1) * cluster.latency
+
+
+def ddp(cluster: Cluster) -> float:
+    return cluster.step_time / (cluster.step_time + all_reduce_seconds(cluster))
+
+
+def diloco(cluster: Cluster) -> float:
+    compute = cluster.local_steps * cluster.step_time
+    return compute / (compute + all_reduce_seconds(cluster))
+
+
+def gasloc(cluster: Cluster, topology: str = "1peer", rounds: int = 256, seed: int = 0,
+           adaptive: bool = True) -> float:
+    """Utilization of GASLoC ``1peer`` / ``2peer`` averaged over ``rounds`` random graphs."""
+    k = {"1peer": 1, "2peer": 2}[topology]
+    part = [k * cluster.message / b for b in cluster.bandwidths]
+    fastest = min(part) + cluster.latency
+    graphs = build_topology(topology, cluster.workers, seed)
+    computed, elapsed = 0.0, 0.0
+    for r in range(rounds):
+        peers = graphs.graph(r).peers
+        exchange = [max([part[i]] + [part[j] for j in peers[i]]) + cluster.latency
+                    if peers[i] else 0.0 for i in range(cluster.workers)]
+        steps = [_local_steps(cluster, x - fastest) if adaptive else cluster.local_steps
+                 for x in exchange]
+        elapsed += max(h * cluster.step_time + x for h, x in zip(steps, exchange))
+        computed += sum(steps) * cluster.step_time / cluster.workers
+    return computed / elapsed
+
+
+def _local_steps(cluster: Cluster, extra_seconds: float) -> int:
+    spare = extra_seconds / cluster.step_time
+    return max(1, min(cluster.local_steps, round(cluster.local_steps - spare)))
+
+
+def utilizations(cluster: Cluster) -> dict[str, float]:
+    return {
+        "DDP": ddp(cluster),
+        "DiLoCo": diloco(cluster),
+        "GASLoC 1-peer, fixed H": gasloc(cluster, "1peer", adaptive=False),
+        "GASLoC 1-peer, adaptive H_i": gasloc(cluster, "1peer"),
+        "GASLoC 2-peer, fixed H": gasloc(cluster, "2peer", adaptive=False),
+        "GASLoC 2-peer, adaptive H_i": gasloc(cluster, "2peer"),
+    }
+
+
+def with_stragglers(fast_gbps: float, workers: int, straggler: float, stragglers: int = 1) -> tuple[float, ...]:
+    """Bandwidths: ``stragglers`` workers at ``straggler`` times the others' rate."""
+    fast = fast_gbps * GBIT
+    return tuple([fast] * (workers - stragglers) + [straggler * fast] * stragglers)
+
+
+def plot(path: str, base: Cluster, straggler: float, low: float = 0.1, high: float = 100.0) -> None:
+    """Utilization against the non-stragglers' bandwidth, one straggler at ``straggler``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = 40
+    speeds = [low * (high / low) ** (i / (points - 1)) for i in range(points)]
+    curves: dict[str, list[float]] = {}
+    for speed in speeds:
+        cluster = Cluster(base.params, base.step_time, with_stragglers(speed, base.workers, straggler),
+                          base.latency, base.local_steps, base.bytes_per_param)
+        for name, value in utilizations(cluster).items():
+            curves.setdefault(name, []).append(value)
+    figure, ax = plt.subplots(figsize=(7, 4.5))
+    for name, values in curves.items():
+        ax.plot(speeds, values, "--" if "fixed" in name else "-", label=name)
+    ax.set(xscale="log", xlabel="bandwidth of the non-straggler workers (Gbit/s)",
+           ylabel="compute utilization", ylim=(0, 1.02),
+           title=f"{base.params / 1e9:g}B params, {base.workers} workers, H={base.local_steps}, "
+                 f"one straggler at {straggler:.0%}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m hf_gasloc.simulate",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--params", type=float, default=1e9, help="model parameters (up to 70e9)")
+    parser.add_argument("--bytes_per_param", type=float, default=2.0, help="2 for bf16 messages")
+    parser.add_argument("--step_time", type=float, default=0.5, help="seconds of compute per inner step")
+    parser.add_argument("--workers", type=int, default=16)
+    parser.add_argument("--bandwidth_gbps", type=float, default=10.0, help="non-straggler links")
+    parser.add_argument("--straggler", type=float, default=0.2, help="straggler's share of that bandwidth")
+    parser.add_argument("--stragglers", type=int, default=1)
+    parser.add_argument("--bandwidths_gbps", help="every worker's bandwidth, e.g. 10,10,10,2 (overrides)")
+    parser.add_argument("--latency_ms", type=float, default=1.0)
+    parser.add_argument("--local_steps", type=int, default=30)
+    parser.add_argument("--plot", help="also write the utilization-vs-bandwidth figure to this PNG")
+    args = parser.parse_args(argv)
+    if args.bandwidths_gbps:
+        bandwidths = tuple(float(b) * GBIT for b in args.bandwidths_gbps.split(","))
+    else:
+        bandwidths = with_stragglers(args.bandwidth_gbps, args.workers, args.straggler, args.stragglers)
+    if len(bandwidths) < 2 or min(bandwidths) <= 0 or args.step_time <= 0 or args.local_steps < 1:
+        parser.error("need at least 2 workers, positive bandwidths and step time, and local_steps >= 1")
+    cluster = Cluster(args.params, args.step_time, bandwidths, args.latency_ms / 1e3,
+                      args.local_steps, args.bytes_per_param)
+    print(f"{cluster.workers} workers, {args.params / 1e9:g}B params, step {args.step_time}s, "
+          f"H={args.local_steps}, bandwidths (Gbit/s) {[round(b / GBIT, 3) for b in bandwidths]}")
+    for name, value in utilizations(cluster).items():
+        print(f"  {name:<28} {value:6.1%}")
+    if args.plot:
+        plot(args.plot, cluster, args.straggler)
+
+
+if __name__ == "__main__":
+    main()
