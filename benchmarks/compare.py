@@ -80,9 +80,16 @@ def lr_momentum_grid(workers: int) -> list[Run]:
             for lr in (0.4, 0.7, 1.0) for momentum in (0.5, 0.7, 0.9)]
 
 
-GRIDS = {"main": main_grid, "h_sweep": h_sweep, "outer": outer_grid, "lr_momentum": lr_momentum_grid}
+def h1_gentle(workers: int) -> list[Run]:
+    """GASLoC at H = 1 with a gentler outer Nesterov (lr 1, momentum 0.5) than DiLoCo's."""
+    return [Run("GASLoC", topology, workers, 1, "nesterov", 1.0, 0.5)
+            for topology in ("1peer", "2peer", "ring", "exponential")]
+
+
+GRIDS = {"main": main_grid, "h_sweep": h_sweep, "outer": outer_grid,
+         "lr_momentum": lr_momentum_grid, "h1_gentle": h1_gentle}
 # The sweeps run at the first worker count only; "main" runs at every count.
-SWEEPS_AT_FIRST_COUNT = ("h_sweep", "outer", "lr_momentum")
+SWEEPS_AT_FIRST_COUNT = ("h_sweep", "outer", "lr_momentum", "h1_gentle")
 
 
 @dataclass(frozen=True)

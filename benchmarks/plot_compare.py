@@ -14,13 +14,17 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from compare import h_sweep, lr_momentum_grid, main_grid  # noqa: E402
+from common import table  # noqa: E402
+from compare import h1_gentle, h_sweep, lr_momentum_grid, main_grid, outer_grid  # noqa: E402
 
 
 def label(run: dict) -> str:
     if run["method"] in ("DDP", "DiLoCo", "gossip AdamW"):
         return run["method"]
-    return f"GASLoC {run['topology']} H={run['local_steps']}"
+    name = f"GASLoC {run['topology']} H={run['local_steps']}"
+    if run["outer_momentum"] is not None:
+        name += f" (lr {run['outer_lr']:g}, momentum {run['outer_momentum']:g})"
+    return name
 
 
 def load(folder: Path) -> dict[str, dict]:
@@ -30,6 +34,7 @@ def load(folder: Path) -> dict[str, dict]:
 def curves(results: dict, counts: list[int], path: Path) -> None:
     figure, axes = plt.subplots(1, len(counts), figsize=(6 * len(counts), 4.5), squeeze=False)
     for ax, workers in zip(axes[0], counts):
+        ax.set_prop_cycle(color=plt.cm.tab20.colors)
         for run in main_grid(workers):
             result = results.get(run.key)
             if result:
@@ -58,6 +63,7 @@ def loss_vs_h(results: dict, workers: int, path: Path) -> None:
 
 def loss_vs_workers(results: dict, counts: list[int], path: Path) -> None:
     figure, ax = plt.subplots(figsize=(6, 4.5))
+    ax.set_prop_cycle(color=plt.cm.tab20.colors)
     for index, run in enumerate(main_grid(counts[0])):
         points = []
         for workers in counts:
@@ -65,7 +71,8 @@ def loss_vs_workers(results: dict, counts: list[int], path: Path) -> None:
             if key in results:
                 points.append((workers, results[key]["final_loss"]))
         if points:
-            ax.plot(*zip(*points), "o-", label=label(results[run.key]["run"]) if run.key in results else run.method)
+            name = label(results[run.key]["run"]) if run.key in results else run.method
+            ax.plot(*zip(*points), "o-", label=name)
     ax.set(xlabel="workers (same token budget)", ylabel="final validation loss",
            title="final loss vs. number of workers", xticks=counts)
     ax.legend(fontsize=7)
@@ -95,6 +102,26 @@ def heat_maps(results: dict, workers: int, path: Path) -> None:
     _save(figure, path)
 
 
+def tables(results: dict, counts: list[int]) -> str:
+    """The tables of docs/results.md, in markdown."""
+
+    def rows(runs):
+        found = [results[r.key] for r in runs if r.key in results]
+        return [[label(f["run"]), f["run"]["workers"], f["run"]["local_steps"],
+                 f["run"]["outer_optimizer"], f["run"]["outer_lr"],
+                 "-" if f["run"]["outer_momentum"] is None else f["run"]["outer_momentum"],
+                 f"{f['final_loss']:.3f}", f"{f['consensus_distance']:.1e}",
+                 f"{f['bytes_sent_per_worker'] / 1e6:.0f}", f"{f['train_seconds']:.0f}"] for f in found]
+
+    header = ["method", "workers", "H", "outer", "outer lr", "momentum", "final val loss",
+              "consensus dist.", "MB sent / worker", "train s"]
+    sections = [("Baselines and topologies", [r for n in counts for r in main_grid(n)]),
+                ("H sweep", h_sweep(counts[0])), ("Outer optimizers", outer_grid(counts[0])),
+                ("Outer lr x momentum", lr_momentum_grid(counts[0])),
+                ("H = 1 with a gentler outer Nesterov", h1_gentle(counts[0]))]
+    return "\n\n".join(f"### {title}\n\n" + table(header, rows(runs)) for title, runs in sections)
+
+
 def _save(figure, path: Path) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=110)
@@ -113,6 +140,7 @@ def main() -> None:
     loss_vs_h(results, args.workers[0], out / "compare_loss_vs_h.png")
     loss_vs_workers(results, args.workers, out / "compare_loss_vs_workers.png")
     heat_maps(results, args.workers[0], out / "compare_lr_momentum.png")
+    print(tables(results, args.workers))
 
 
 if __name__ == "__main__":

@@ -107,7 +107,9 @@ class ModelArguments:
 
 @dataclass
 class DataTrainingArguments:
-    dataset_name: Optional[str] = field(default=None, metadata={"help": "hub dataset, e.g. HuggingFaceFW/fineweb"})
+    dataset_name: Optional[str] = field(
+        default=None, metadata={"help": "hub dataset, e.g. HuggingFaceFW/fineweb"}
+    )
     dataset_config_name: Optional[str] = field(default=None, metadata={"help": "e.g. sample-10BT"})
     train_file: Optional[str] = field(default=None, metadata={"help": "parquet, json(l), text or csv"})
     validation_file: Optional[str] = field(default=None, metadata={"help": "same formats"})
@@ -118,7 +120,8 @@ class DataTrainingArguments:
     streaming: bool = field(default=False, metadata={"help": "stream the dataset (needs --max_steps)"})
     validation_split_percentage: int = field(default=5)
     validation_documents: int = field(
-        default=1000, metadata={"help": "streamed data without a validation split: hold out the first N documents"}
+        default=1000,
+        metadata={"help": "streamed data without a validation split: hold out the first N documents"},
     )
 
 
@@ -143,7 +146,8 @@ def parse_arguments(argv: Optional[list[str]] = None) -> tuple:
     except (ValueError, FileNotFoundError) as error:
         parser.error(str(error))
     settings = dict(recipe.arguments) if recipe else {}
-    embedded = not (given | set(settings)) & {"model_name_or_path", "config_name", "dataset_name", "train_file"}
+    sources = {"model_name_or_path", "config_name", "dataset_name", "train_file"}
+    embedded = not (given | set(settings)) & sources
     defaults = dict(EMBEDDED_DEFAULTS) if embedded else {}
     defaults.update(settings)
     defaults.update(SMOKE_TEST if smoke else {})

@@ -108,7 +108,9 @@ def utilizations(cluster: Cluster) -> dict[str, float]:
     }
 
 
-def with_stragglers(fast_gbps: float, workers: int, straggler: float, stragglers: int = 1) -> tuple[float, ...]:
+def with_stragglers(
+    fast_gbps: float, workers: int, straggler: float, stragglers: int = 1
+) -> tuple[float, ...]:
     """Bandwidths: ``stragglers`` workers at ``straggler`` times the others' rate."""
     fast = fast_gbps * GBIT
     return tuple([fast] * (workers - stragglers) + [straggler * fast] * stragglers)

@@ -1,7 +1,6 @@
 """Every recipe parses, states its model size right, and runs a few CPU steps shrunk."""
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
