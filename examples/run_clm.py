@@ -41,10 +41,9 @@ from transformers import (
     set_seed,
 )
 
-from hf_gasloc import GASLoCArguments
+from hf_gasloc import GASLoCArguments, GASLoCCallback
 from hf_gasloc.data import data_files_builder, load_text_dataset, pack_into_blocks
 from hf_gasloc.recipes import load_recipe
-from hf_gasloc.trainer import GASLoCCallback
 
 HERE = Path(__file__).resolve().parent
 logger = logging.getLogger(__name__)

@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import DefaultFlowCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
@@ -70,7 +71,13 @@ class GASLoCCallback(TrainerCallback):
         if not self.config.enabled or not self._distributed(args):
             return
         trainer, resume_from = _calling_trainer()
-        disable_gradient_sync(trainer.model_wrapped)
+        wrapped = trainer.model_wrapped
+        if not isinstance(wrapped, DistributedDataParallel) and wrapped is not model:
+            raise RuntimeError(
+                f"GASLoC cannot turn off gradient synchronisation in {type(wrapped).__name__}; "
+                "it supports models wrapped in DistributedDataParallel (the Trainer's default)."
+            )
+        disable_gradient_sync(wrapped)
         self._stop_step_collectives(trainer)
         self._run_before_reporters(trainer)
         self._model, self._optimizer = model, optimizer

@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 from transformers import Trainer, TrainerCallback
 
-from hf_gasloc.trainer import GASLoCCallback
+from hf_gasloc import GASLoCCallback
 
 from .clm import blocks, tiny_llama, training_arguments
 from .distributed import run_ranks
