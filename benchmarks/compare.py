@@ -18,20 +18,24 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 from common import command, machine, spawn, table
-
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "pydocs"
+from training import (
+    ROOT,
+    TINY_LLAMA,
+    DataOrder,
+    consensus_distance,
+    cosine_with_warmup,
+    evaluate,
+    new_model,
+    prepare_data,
+)
 
 
 @dataclass(frozen=True)
@@ -105,38 +109,17 @@ class Settings:
     data_cache: str
 
 
-def prepare_data(settings_dir: Path, block_size: int) -> str:
-    """Tokenize and pack pydocs once; every run reads the same tensors."""
-    from transformers import AutoTokenizer
-
-    from hf_gasloc.data import load_text_dataset, pack_into_blocks
-
-    cache = settings_dir / f"pydocs_blocks{block_size}.pt"
-    if not cache.exists():
-        tokenizer = AutoTokenizer.from_pretrained(ROOT / "examples" / "data" / "tokenizer")
-        raw = load_text_dataset(train_file=str(DATA / "train.parquet"),
-                                validation_file=str(DATA / "validation.parquet"))
-        packed = pack_into_blocks(raw, tokenizer, block_size)
-        torch.save({split: torch.tensor(packed[split]["input_ids"]) for split in packed}, cache)
-    return str(cache)
-
-
 def _train(rank: int, world_size: int, run: Run, settings: Settings) -> dict:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     from hf_gasloc import GASLoC
 
     device = torch.device(f"cuda:{rank}" if settings.device == "cuda" else "cpu")
     data = torch.load(settings.data_cache)
-    train, validation = data["train"], data["validation"][: settings.eval_blocks]
-    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))
+    validation = data["validation"][: settings.eval_blocks]
+    order = DataOrder(data["train"], settings.batch_size, rank, world_size)
     steps = settings.tokens // (world_size * settings.batch_size * settings.block_size)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(settings.model_config)).to(device)
+    model = new_model(settings.model_config, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate, weight_decay=0.1)
-    warmup = max(1, steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(
-        (s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))))
+    schedule = cosine_with_warmup(optimizer, steps)
     engine = None
     if run.topology == "none":
         model = torch.nn.parallel.DistributedDataParallel(model)
@@ -146,30 +129,15 @@ def _train(rank: int, world_size: int, run: Run, settings: Settings) -> dict:
                         outer_momentum=run.outer_momentum)
     numel = sum(p.numel() for p in model.parameters())
 
-    def evaluate() -> float:
-        net = model.module if engine is None else model
-        shard = validation[rank::world_size].to(device)
-        total = torch.zeros(2, dtype=torch.float64, device=device)
-        net.eval()
-        with torch.no_grad():
-            for i in range(0, len(shard), 16):
-                batch = shard[i : i + 16]
-                total[0] += net(input_ids=batch, labels=batch).loss.double() * len(batch)
-                total[1] += len(batch)
-        net.train()
-        dist.all_reduce(total)
-        return float(total[0] / total[1])
-
     def consensus_evaluate() -> float:
         if engine is None:
-            return evaluate()
+            return evaluate(model.module, validation, rank, world_size)
         with engine.consensus_model():
-            return evaluate()
+            return evaluate(model, validation, rank, world_size)
 
     curve, eval_seconds, start = [], 0.0, time.perf_counter()
     for step in range(steps):
-        first = (step * world_size + rank) * settings.batch_size
-        batch = train[order[torch.arange(first, first + settings.batch_size) % len(train)]].to(device)
+        batch = order.batch(step).to(device)
         model(input_ids=batch, labels=batch).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -179,7 +147,7 @@ def _train(rank: int, world_size: int, run: Run, settings: Settings) -> dict:
             curve.append((step + 1, consensus_evaluate()))
             eval_seconds += time.perf_counter() - tick
     wall = time.perf_counter() - start - eval_seconds
-    distance = _consensus_distance(model, world_size)
+    distance = consensus_distance(model, world_size)
     if engine is None:  # gradient All-Reduce every step: a ring sends 2 (n-1)/n of the model
         bytes_sent = steps * 2 * (world_size - 1) * numel * 4 // world_size
     else:
@@ -190,24 +158,12 @@ def _train(rank: int, world_size: int, run: Run, settings: Settings) -> dict:
             "tokens": steps * world_size * settings.batch_size * settings.block_size}
 
 
-@torch.no_grad()
-def _consensus_distance(model: torch.nn.Module, world_size: int) -> float:
-    """Exact ``mean_i ||x_i - x_bar||^2 / ||x_bar||^2`` of the live parameters."""
-    mine = torch.cat([p.detach().float().reshape(-1) for p in model.parameters()])
-    mean = mine.clone()
-    dist.all_reduce(mean)
-    mean /= world_size
-    spread = torch.tensor([float((mine - mean).pow(2).sum())], dtype=torch.float64)
-    dist.all_reduce(spread)
-    return float(spread) / world_size / float(mean.pow(2).sum())
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--grid", nargs="+", default=["all"], choices=[*GRIDS, "all"])
     parser.add_argument("--workers", type=int, nargs="+", default=[4, 8])
     parser.add_argument("--output_dir", default=str(ROOT / "outputs" / "compare"))
-    parser.add_argument("--model_config", default=str(ROOT / "examples" / "configs" / "tiny-llama"))
+    parser.add_argument("--model_config", default=str(TINY_LLAMA))
     parser.add_argument("--tokens", type=int, default=600_000, help="token budget of every run")
     parser.add_argument("--batch_size", type=int, default=8, help="blocks per worker per step")
     parser.add_argument("--block_size", type=int, default=64)
