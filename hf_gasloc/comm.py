@@ -55,6 +55,7 @@ class GossipExchange:
         group: dist.ProcessGroup | None,
         device: torch.device,
     ):
+        self.buffers = buffers
         self.group = group
         self.device = device
         self.rank = dist.get_rank(group)
@@ -70,16 +71,16 @@ class GossipExchange:
         self._received: dict[tuple[int, int], torch.Tensor] = {}
         self._differences: dict[tuple[int, int], torch.Tensor] = {}
 
-    def mix_(self, buffers: list[torch.Tensor], graph: RoundGraph) -> ExchangeStats:
-        """``z_i <- sum_j W[i, j] z_j`` for this rank, in place."""
+    def mix_(self, graph: RoundGraph) -> ExchangeStats:
+        """``z_i <- sum_j W[i, j] z_j`` for this rank, in place in ``buffers``."""
         start = self._clock()
         if graph.all_reduce:
-            bytes_sent = self._all_reduce_mean_(buffers)
+            bytes_sent = self._all_reduce_mean_()
             return ExchangeStats(bytes_sent, self._clock() - start, None)
         peers = graph.peers[self.rank]
         if not peers:
             return ExchangeStats(0, 0.0, None)
-        messages = self._load_messages(buffers)
+        messages = self._load_messages()
         ops = []
         for b, message in enumerate(messages):
             for k, peer in enumerate(peers):
@@ -89,7 +90,7 @@ class GossipExchange:
         for work in dist.batch_isend_irecv(ops):
             work.wait()
         seconds = self._clock() - start
-        distance = self._combine_(buffers, list(peers.values()))
+        distance = self._combine_(list(peers.values()))
         bytes_sent = sum(m.numel() * m.element_size() for m in messages) * len(peers)
         return ExchangeStats(bytes_sent, seconds, distance)
 
@@ -111,10 +112,10 @@ class GossipExchange:
             work.wait()
         return self._clock() - start, [b.cpu() for b in received]
 
-    def _combine_(self, buffers: list[torch.Tensor], weights: list[float]) -> float:
+    def _combine_(self, weights: list[float]) -> float:
         """``z <- z + sum_j w_j (z_j - z)``; returns the mean relative peer distance."""
         distance, norm = 0.0, 0.0
-        for b, z in enumerate(buffers):
+        for b, z in enumerate(self.buffers):
             differences = []
             for k in range(len(weights)):
                 received = self._received[(b, k)]
@@ -133,12 +134,12 @@ class GossipExchange:
                 z.add_(difference, alpha=weight)
         return distance / len(weights) / max(norm, torch.finfo(torch.float32).tiny)
 
-    def _all_reduce_mean_(self, buffers: list[torch.Tensor]) -> int:
-        messages = self._load_messages(buffers)
+    def _all_reduce_mean_(self) -> int:
+        messages = self._load_messages()
         for message in messages:
             dist.all_reduce(message, group=self.group)
         bytes_sent = 0
-        for z, message, direct in zip(buffers, messages, self._direct):
+        for z, message, direct in zip(self.buffers, messages, self._direct):
             if not direct:
                 z.copy_(message)
             z.div_(self.world_size)
@@ -147,8 +148,8 @@ class GossipExchange:
             bytes_sent += 2 * (self.world_size - 1) * size // self.world_size
         return bytes_sent
 
-    def _load_messages(self, buffers: list[torch.Tensor]) -> list[torch.Tensor]:
-        for z, message, direct in zip(buffers, self._messages, self._direct):
+    def _load_messages(self) -> list[torch.Tensor]:
+        for z, message, direct in zip(self.buffers, self._messages, self._direct):
             if not direct:
                 message.copy_(z)
         return self._messages

@@ -213,7 +213,7 @@ class GASLoC:
             wait, tables = self._exchange.ready_(self.adaptive.table(), graph)
             for table in tables:
                 self.adaptive.merge(table)
-        stats = self._exchange.mix_(works, graph)
+        stats = self._exchange.mix_(graph)
         for g in self._groups:
             g.work.sub_(g.anchor).div_(-eta)  # G = (a - z_hat) / eta
         self.outer_optimizer.step()

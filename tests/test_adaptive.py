@@ -51,7 +51,7 @@ def _slow_worker(rank, world_size, topology, slow_rank, delay):
     engine = GASLoC(model, inner, topology=topology, local_steps="auto:10", seed=2)
     if rank == slow_rank:  # a slow link: every transfer of this worker takes `delay` longer
         load = engine._exchange._load_messages
-        engine._exchange._load_messages = lambda buffers: (time.sleep(delay), load(buffers))[1]
+        engine._exchange._load_messages = lambda: (time.sleep(delay), load())[1]
     history, step = [], 0
     while engine.round < 16:
         time.sleep(0.02)  # a 20 ms inner step
