@@ -54,12 +54,10 @@ def _inner_overhead(rank, world_size, steps, blocks):
     run_block()  # warm-up
     engine = GASLoC(model, None, topology="1peer", local_steps=10**9)
     bare, attached = [], []
-    hook = None
     for _ in range(blocks):
         bare.append(run_block())
-        hook = optimizer.register_step_post_hook(engine._after_inner_step)
-        attached.append(run_block())
-        hook.remove()
+        with engine.attached(optimizer):
+            attached.append(run_block())
     return {"bare_ms": median_ms(bare), "attached_ms": median_ms(attached)}
 
 

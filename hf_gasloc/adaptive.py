@@ -18,10 +18,11 @@ the whole network. The rule, on every worker ``i``, before every round ``r``::
 A round then takes about ``H_i s_i + l_round = H s_i + l_fast`` everywhere: the
 round time of a worker at ``H`` on the fastest link. Taking the fastest recent
 transfer makes ``l_j`` a property of ``j``'s own link (a fast worker that met a
-straggler once still shows its fast transfers). The complete graph does not
-adapt: its All-Reduce is paced by the slowest link for everyone, and shortening
-every worker's round would only lose compute (DiLoCo cannot do this). Round 0,
-and any round before ``i`` has measured itself, uses ``H``.
+straggler once still shows its fast transfers). A synchronous topology
+(``complete``) does not adapt: its All-Reduce is paced by the slowest link for
+everyone, and shortening every worker's round would only lose compute (DiLoCo
+cannot do this). Round 0, and any round before ``i`` has measured itself, uses ``H``.
+``hf_gasloc.simulate`` models utilization with the same ``adapted_steps`` rule.
 """
 
 from __future__ import annotations
@@ -46,11 +47,22 @@ class Auto:
         return f"auto:{self.target}"
 
 
+def adapted_steps(target: int, extra_seconds: float, step_seconds: float) -> int:
+    """``clamp(round(H - extra / s), 1, H)``: the steps that fit beside ``extra`` seconds of link."""
+    spare = extra_seconds / max(step_seconds, 1e-9)
+    return max(1, min(target, round(target - spare)))
+
+
 class AdaptiveLocalSteps:
-    """The measurements, the link table and the rule above, for one worker."""
+    """The measurements, the link table and the rule above, for one worker.
+
+    ``current`` is ``H_i`` of the round in progress; ``plan(peers)`` sets it for
+    the next round from what has been measured.
+    """
 
     def __init__(self, target: int, rank: int, world_size: int):
         self.target, self.rank = target, rank
+        self.current = target
         self.step_seconds: float | None = None
         self.transfers: deque[float] = deque(maxlen=WINDOW)
         self.links = [float("nan")] * world_size  # nan: not known yet
@@ -76,21 +88,25 @@ class AdaptiveLocalSteps:
             if stamp > self.stamps[j]:
                 self.links[j], self.stamps[j] = link, int(stamp)
 
-    def local_steps(self, peers: list[int]) -> int:
+    def steps_for(self, peers: list[int]) -> int:
         """``H_i`` for a round in which this worker meets ``peers``."""
         mine = self.links[self.rank]
         if self.step_seconds is None or mine != mine:  # nan: not measured yet
             return self.target
         known = [link for link in self.links if link == link]
         slowest = max([mine] + [self.links[j] for j in peers if self.links[j] == self.links[j]])
-        spare = (slowest - min(known)) / max(self.step_seconds, 1e-9)
-        return max(1, min(self.target, round(self.target - spare)))
+        return adapted_steps(self.target, slowest - min(known), self.step_seconds)
+
+    def plan(self, peers: list[int]) -> None:
+        self.current = self.steps_for(peers)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"step_seconds": self.step_seconds, "transfers": list(self.transfers),
-                "links": list(self.links), "stamps": list(self.stamps)}
+        return {"current": self.current, "step_seconds": self.step_seconds,
+                "transfers": list(self.transfers), "links": list(self.links),
+                "stamps": list(self.stamps)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.current = state["current"]
         self.step_seconds = state["step_seconds"]
         self.transfers = deque(state["transfers"], maxlen=WINDOW)
         self.links, self.stamps = list(state["links"]), list(state["stamps"])

@@ -4,13 +4,26 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch.distributed as dist
+from .comm import Comm
+from .config import GASLoCConfig
+from .flat import FlatModel
+from .graphs import Topology
 
 
-def check_ranks_agree(values: dict[str, Any], group: dist.ProcessGroup | None = None) -> None:
+def settings_to_agree_on(config: GASLoCConfig, topology: Topology, flat: FlatModel) -> dict[str, Any]:
+    """Every setting, plus what follows from them: world size, first graphs, parameter shapes."""
+    settings = config.to_dict()
+    # H_i may differ per rank on purpose, but the list (or rule) must be the same.
+    settings["local_steps (all ranks)"] = settings.pop("local_steps")
+    settings["world_size"] = topology.world_size
+    settings["graphs of the first rounds"] = topology.fingerprint()
+    settings["parameters (dtype, numel)"] = flat.shapes()
+    return settings
+
+
+def check_ranks_agree(values: dict[str, Any], comm: Comm) -> None:
     """Gather ``values`` from every rank and raise one error naming each setting that differs."""
-    gathered: list[dict[str, Any] | None] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(gathered, values, group=group)
+    gathered = comm.all_gather_object(values)
     problems = []
     for key in values:
         seen = [rank_values.get(key) for rank_values in gathered]  # type: ignore[union-attr]

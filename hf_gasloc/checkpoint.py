@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 
-from .engine import GASLoC, innermost_optimizer
+from .engine import GASLoC
+from .inner import innermost_optimizer
 
 FOLDER = "gasloc"
 

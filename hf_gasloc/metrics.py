@@ -20,7 +20,7 @@ class RoundMetrics:
     """
 
     round: int
-    local_steps: int
+    inner_steps: int
     bytes_sent: int
     comm_seconds: float
     outer_step_seconds: float
@@ -40,7 +40,7 @@ class Totals:
 
     def add(self, metrics: RoundMetrics) -> None:
         self.rounds += 1
-        self.inner_steps += metrics.local_steps
+        self.inner_steps += metrics.inner_steps
         self.bytes_sent += metrics.bytes_sent
         self.comm_seconds += metrics.comm_seconds
 
@@ -54,7 +54,7 @@ def as_log(metrics: RoundMetrics | None, totals: Totals, prefix: str = "gasloc/"
     }
     if metrics is not None:
         log.update(
-            local_steps=metrics.local_steps,
+            inner_steps=metrics.inner_steps,
             bytes_sent=metrics.bytes_sent,
             comm_seconds=metrics.comm_seconds,
             outer_step_seconds=metrics.outer_step_seconds,

@@ -1,18 +1,84 @@
-"""Build the outer optimizer that steps the fp32 anchors with the outer gradient."""
+"""The outer optimizer: its names, their defaults and checks, and building it on the anchors.
+
+``sgd``, ``sgdm`` and ``nesterov`` are ``torch.optim.SGD`` without momentum, with
+heavy-ball momentum and with Nesterov momentum. A ``torch.optim`` class or
+factory (``params -> Optimizer``), or an instance whose class and
+hyper-parameters are reused, also works. Defaults follow DiLoCo (Douillard et
+al., 2023): Nesterov, momentum 0.9.
+"""
 
 from __future__ import annotations
 
+from typing import Any, Callable, Union
+
 import torch
 
-from .config import OuterOptimizer
+from .values import number
+
+OUTER_OPTIMIZERS = ("sgd", "sgdm", "nesterov")
+OUTER_OPTIMIZER_HELP = (
+    "outer optimizer: sgd, sgdm, nesterov, a torch.optim class/factory, or an instance "
+    "(its class and hyper-parameters are reused on the fp32 anchors)"
+)
+OUTER_MOMENTUM_HELP = "outer momentum mu (default 0.9 for sgdm/nesterov, 0 for sgd)"
+DEFAULT_MOMENTUM = 0.9
+
+OuterOptimizer = Union[str, Callable[..., torch.optim.Optimizer], torch.optim.Optimizer]
+
+
+def resolve_outer_optimizer(
+    spec: OuterOptimizer, momentum: Any
+) -> tuple[OuterOptimizer, float | None]:
+    """Check ``outer_optimizer`` and ``outer_momentum`` together; fill the momentum's default.
+
+    Returns the normalised name (or the object unchanged) and the momentum
+    (``None`` for an object, which carries its own).
+    """
+    if not isinstance(spec, str):
+        if momentum is not None:
+            raise ValueError(
+                "outer_momentum is set, but outer_optimizer is a torch.optim object: put the "
+                "momentum in that optimizer and leave outer_momentum unset."
+            )
+        return spec, None
+    name = spec.strip().lower()
+    if name not in OUTER_OPTIMIZERS:
+        raise ValueError(
+            f"unknown outer_optimizer {name!r} (--gasloc_outer_optimizer): choose one of "
+            f"{', '.join(OUTER_OPTIMIZERS)}, or pass a torch.optim optimizer."
+        )
+    if momentum is None:
+        momentum = 0.0 if name == "sgd" else DEFAULT_MOMENTUM
+    momentum = number("outer_momentum", momentum)
+    if not 0.0 <= momentum < 1.0:
+        raise ValueError(f"outer_momentum must be in [0, 1), got {momentum}.")
+    if name == "sgd" and momentum != 0.0:
+        raise ValueError(
+            f"outer_optimizer 'sgd' has no momentum but outer_momentum={momentum}: "
+            "use outer_optimizer 'sgdm' or 'nesterov', or set outer_momentum 0."
+        )
+    if name != "sgd" and momentum == 0.0:
+        raise ValueError(
+            f"outer_optimizer {name!r} needs outer_momentum > 0: set a momentum "
+            "(DiLoCo uses 0.9) or use outer_optimizer 'sgd'."
+        )
+    return name, momentum
+
+
+def describe_outer_optimizer(spec: OuterOptimizer) -> Any:
+    """A plain value for logs and for comparing settings across ranks."""
+    if isinstance(spec, str):
+        return spec
+    if isinstance(spec, torch.optim.Optimizer):
+        hyper = {k: v for k, v in spec.param_groups[0].items() if k != "params"}
+        return {"class": type(spec).__qualname__, **{k: repr(v) for k, v in hyper.items()}}
+    return repr(spec)
 
 
 def build_outer_optimizer(
     spec: OuterOptimizer, lr: float, momentum: float | None, anchors: list[torch.Tensor]
 ) -> torch.optim.Optimizer:
-    """``spec`` is ``sgd``/``sgdm``/``nesterov``, a ``params -> Optimizer`` factory
-    (a ``torch.optim`` class or a ``functools.partial`` of one), or an optimizer
-    instance whose class and hyper-parameters are reused on ``anchors``."""
+    """The optimizer that steps ``anchors`` with the outer gradient in their ``.grad``."""
     if isinstance(spec, str):
         return torch.optim.SGD(
             anchors, lr=lr, momentum=momentum or 0.0, nesterov=spec == "nesterov"

@@ -9,6 +9,11 @@ A recipe has these top-level keys::
 
 Command-line flags override ``arguments``. ``tokens`` sets ``max_steps`` from the
 run's actual world size, unless ``max_steps`` is given.
+
+Only ``examples/run_clm.py`` reads recipes, yet the loader lives in the package:
+the YAML format is part of what users reproduce with, a script derived from
+``run_clm.py`` (the usual way HF examples are used) imports it from an installed
+``hf_gasloc``, and the tests check every recipe through it.
 """
 
 from __future__ import annotations

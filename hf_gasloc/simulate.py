@@ -18,7 +18,7 @@ local steps.
   so a worker's part takes ``k M / B_j``, and an exchange ends when its slowest
   participant is done: ``x_i(r) = max_{j in {i} + P_i(r)} k M / B_j + L``.
   Each worker takes ``H_i(r) = clamp(round(H - (x_i(r) - x_fast) / t), 1, H)``
-  steps, ``x_fast = k M / max_j B_j + L`` (the rule of ``hf_gasloc/adaptive.py``),
+  steps, ``x_fast = k M / max_j B_j + L`` (``hf_gasloc.adaptive.adapted_steps``, the rule the engine uses),
   so the round takes ``R(r) = max_i (H_i(r) t + x_i(r))`` and
   ``U = sum_r sum_i H_i(r) t / (n sum_r R(r))`` over ``--rounds`` rounds.
   With ``--fixed`` every ``H_i = H`` instead.
@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
+from .adaptive import adapted_steps
 from .topology import build_topology
 
 GBIT = 1e9 / 8  # bytes per second in one Gbit/s
@@ -85,16 +86,11 @@ def gasloc(cluster: Cluster, topology: str = "1peer", rounds: int = 256, seed: i
         peers = graphs.graph(r).peers
         exchange = [max([part[i]] + [part[j] for j in peers[i]]) + cluster.latency
                     if peers[i] else 0.0 for i in range(cluster.workers)]
-        steps = [_local_steps(cluster, x - fastest) if adaptive else cluster.local_steps
-                 for x in exchange]
+        steps = [adapted_steps(cluster.local_steps, x - fastest, cluster.step_time) if adaptive
+                 else cluster.local_steps for x in exchange]
         elapsed += max(h * cluster.step_time + x for h, x in zip(steps, exchange))
         computed += sum(steps) * cluster.step_time / cluster.workers
     return computed / elapsed
-
-
-def _local_steps(cluster: Cluster, extra_seconds: float) -> int:
-    spare = extra_seconds / cluster.step_time
-    return max(1, min(cluster.local_steps, round(cluster.local_steps - spare)))
 
 
 def utilizations(cluster: Cluster) -> dict[str, float]:

@@ -57,7 +57,7 @@ class GASLoCCallback(TrainerCallback):
     def __init__(self, plugin: GASLoCConfig | None = None, **settings: Any):
         if plugin is not None and settings:
             raise ValueError("give GASLoCCallback either a plugin or keyword settings, not both.")
-        self.config = plugin if plugin is not None else GASLoCPlugin(**settings)
+        self.plugin = plugin if plugin is not None else GASLoCPlugin(**settings)
         self.engine: GASLoC | None = None
         self._model: torch.nn.Module | None = None
         self._optimizer: torch.optim.Optimizer | None = None
@@ -68,7 +68,7 @@ class GASLoCCallback(TrainerCallback):
         if self.engine is not None:
             self.engine.detach()
             self.engine = None
-        if not self.config.enabled or not self._distributed(args):
+        if not self.plugin.enabled or not self._distributed(args):
             return
         trainer, resume_from = _calling_trainer()
         wrapped = trainer.model_wrapped
@@ -81,7 +81,7 @@ class GASLoCCallback(TrainerCallback):
         self._stop_step_collectives(trainer)
         self._run_before_reporters(trainer)
         self._model, self._optimizer = model, optimizer
-        self.engine = GASLoC(model, optimizer, self.config)
+        self.engine = GASLoC(model, optimizer, self.plugin)
         if state.global_step > 0:
             checkpoint = resume_from or os.path.join(
                 args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
@@ -160,11 +160,11 @@ class GASLoCCallback(TrainerCallback):
 
     def _swap_in_consensus(self) -> None:
         if self._own_parameters is None:
-            self._own_parameters = self.engine.swap_in_consensus()
+            self._own_parameters = self.engine.consensus.swap_in()
 
     def _restore_own_parameters(self) -> None:
         if self._own_parameters is not None:
-            self.engine.restore_parameters(self._own_parameters)
+            self.engine.consensus.restore(self._own_parameters)
             self._own_parameters = None
 
     # -------------------------------------------------------------- metrics

@@ -7,6 +7,7 @@ import torch
 
 from hf_gasloc import GASLoC, GASLoCConfig
 from hf_gasloc.adaptive import AdaptiveLocalSteps, Auto
+from hf_gasloc.local_steps import FixedLocalSteps
 
 from .distributed import run_ranks
 from .workers import TinyNet, local_step
@@ -14,13 +15,13 @@ from .workers import TinyNet, local_step
 
 def test_rule_by_hand():
     rule = AdaptiveLocalSteps(target=30, rank=0, world_size=4)
-    assert rule.local_steps(peers=[1]) == 30  # nothing measured yet
+    assert rule.steps_for(peers=[1]) == 30  # nothing measured yet
     rule.observe_step(0.1)
     rule.observe_step(0.2)  # moving average: 0.7 * 0.1 + 0.3 * 0.2
     assert rule.step_seconds == pytest.approx(0.13)
     rule.observe_transfer(0, 2.0)
     rule.observe_transfer(1, 1.5)  # my link: my fastest recent transfer
-    assert rule.links[0] == 1.5 and rule.local_steps(peers=[1]) == 30  # I am the only one known
+    assert rule.links[0] == 1.5 and rule.steps_for(peers=[1]) == 30  # I am the only one known
     peer = AdaptiveLocalSteps(target=30, rank=1, world_size=4)
     peer.observe_transfer(1, 0.2)
     far = AdaptiveLocalSteps(target=30, rank=3, world_size=4)
@@ -29,9 +30,9 @@ def test_rule_by_hand():
     rule.merge(peer.table())
     assert rule.links[:2] == [1.5, 0.2] and rule.links[3] == 5.0
     # Round with peer 1: slowest link 1.5, fastest 0.2, 1.3 s spare = 10 steps fewer.
-    assert rule.local_steps(peers=[1]) == 20
+    assert rule.steps_for(peers=[1]) == 20
     # Round with peer 3 (5.0 s): its slowness costs me too, or the delay spreads.
-    assert rule.local_steps(peers=[3]) == 1
+    assert rule.steps_for(peers=[3]) == 1
     stale = AdaptiveLocalSteps(target=30, rank=3, world_size=4)
     stale.observe_transfer(-5, 9.0)  # older than what rule knows of rank 3
     rule.merge(stale.table())
@@ -50,22 +51,28 @@ def _slow_worker(rank, world_size, topology, slow_rank, delay):
     inner = torch.optim.SGD(model.parameters(), lr=0.01)
     engine = GASLoC(model, inner, topology=topology, local_steps="auto:10", seed=2)
     if rank == slow_rank:  # a slow link: every transfer of this worker takes `delay` longer
-        load = engine._exchange._load_messages
-        engine._exchange._load_messages = lambda: (time.sleep(delay), load())[1]
+        swap = engine.comm.swap
+
+        def slow_swap(sends, receives):
+            if any(t.dtype != torch.float64 for tensors in sends.values() for t in tensors):
+                time.sleep(delay)  # the model's message, not the fp64 table of link times
+            return swap(sends, receives)
+
+        engine.comm.swap = slow_swap
     history, step = [], 0
     while engine.round < 16:
         time.sleep(0.02)  # a 20 ms inner step
         local_step(model, inner, rank, step)
         step += 1
         if engine.steps_in_round == 0:
-            history.append(engine.last_round.local_steps)
+            history.append(engine.last_round.inner_steps)
     met_slow = [slow_rank == rank or slow_rank in engine.topology.graph(r).peers[rank]
                 for r in range(16)]
     state = engine.state_dict()
     restored = GASLoC(TinyNet(), None, topology=topology, local_steps="auto:10", seed=2)
     restored.load_state_dict(state)
-    same = (restored.local_steps == engine.local_steps
-            and restored.adaptive.state_dict() == engine.adaptive.state_dict())
+    same = (restored.round_length == engine.round_length
+            and restored.local_steps_policy.state_dict() == engine.local_steps_policy.state_dict())
     return history, met_slow, same
 
 
@@ -84,9 +91,9 @@ def test_workers_meeting_a_slow_link_take_fewer_steps():
 
 def _complete(rank, world_size):
     engine = GASLoC(TinyNet(), None, topology="complete", local_steps="auto:10")
-    return engine.adaptive, engine.local_steps
+    return engine.local_steps_policy, engine.round_length
 
 
 def test_on_a_complete_graph_nobody_adapts():
-    for adaptive, local_steps in run_ranks(_complete, 2):
-        assert adaptive is None and local_steps == 10
+    for policy, local_steps in run_ranks(_complete, 2):
+        assert isinstance(policy, FixedLocalSteps) and local_steps == 10

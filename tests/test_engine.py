@@ -36,10 +36,10 @@ def _heterogeneous_local_steps(rank, world_size):
     inner = torch.optim.SGD(model.parameters(), lr=0.05)
     engine = GASLoC(model, inner, topology="1peer", local_steps=[2, 3])
     rounds_after_step = []
-    for step in range(engine.local_steps * 3):
+    for step in range(engine.round_length * 3):
         local_step(model, inner, rank, step)
         rounds_after_step.append(engine.round)
-    return engine.local_steps, rounds_after_step, engine.totals.inner_steps, engine.last_round
+    return engine.round_length, rounds_after_step, engine.totals.inner_steps, engine.last_round
 
 
 def test_a_worker_with_more_local_steps_does_its_extra_steps():
@@ -49,7 +49,7 @@ def test_a_worker_with_more_local_steps_does_its_extra_steps():
     assert rounds0 == [0, 1, 1, 2, 2, 3]
     assert rounds1 == [0, 0, 1, 1, 1, 2, 2, 2, 3]
     assert (steps0, steps1) == (6, 9)
-    assert (last0.local_steps, last1.local_steps) == (2, 3)
+    assert (last0.inner_steps, last1.inner_steps) == (2, 3)
 
 
 def _skipped_steps_and_accumulation(rank, world_size):
@@ -67,12 +67,27 @@ def _skipped_steps_and_accumulation(rank, world_size):
     scaler.step(inner)  # inf gradients: AMP skips the step, and it must not count
     scaler.update()
     inner.zero_grad()
-    return engine.round, engine.steps_in_round
+    counted = (engine.round, engine.steps_in_round)
+    try:
+        engine.attach(inner)
+    except RuntimeError as error:
+        double_attach = str(error)
+    engine.detach()
+    local_step(model, inner, rank, 0)  # detached: not counted
+    detached = (engine.round, engine.steps_in_round)
+    with engine.attached(inner):
+        local_step(model, inner, rank, 1)
+    local_step(model, inner, rank, 2)  # after the block: detached again
+    return counted, double_attach, detached, (engine.round, engine.steps_in_round)
 
 
-def test_hook_counts_real_optimizer_steps_only():
-    for round_index, steps_in_round in run_ranks(_skipped_steps_and_accumulation, 2):
-        assert (round_index, steps_in_round) == (1, 0)
+def test_hook_counts_real_optimizer_steps_only_while_attached():
+    for counted, double_attach, detached, reattached in run_ranks(
+            _skipped_steps_and_accumulation, 2):
+        assert counted == (1, 0)
+        assert "already attached" in double_attach
+        assert detached == (1, 0)
+        assert reattached == (1, 1)
 
 
 def _bf16_parameters(rank, world_size):
@@ -82,7 +97,7 @@ def _bf16_parameters(rank, world_size):
     local_step(model, inner, rank, 0)
     lives = gather(flat(model))
     engine.outer_step()
-    return (mean(lives), flat(model), [g.anchor.dtype for g in engine._groups],
+    return (mean(lives), flat(model), [a.dtype for a in engine.flat.anchors],
             [p.dtype for p in model.parameters()])
 
 
@@ -128,7 +143,7 @@ def test_metrics_and_consensus_model():
         assert metrics.bytes_sent == r["numel"] * 4 * r["peers"] and r["peers"] == 2
         assert metrics.peer_distance == pytest.approx(r["expected_peer"], rel=1e-4)
         assert metrics.consensus_distance == pytest.approx(r["expected_consensus"], rel=1e-4)
-        assert metrics.comm_seconds > 0 and metrics.local_steps == 0
+        assert metrics.comm_seconds > 0 and metrics.inner_steps == 0
         assert all(torch.allclose(x, r["own_mean"], atol=1e-6) for x in r["inside"])
         assert r["restored"], "consensus_model() must give each rank its own parameters back"
         assert all(torch.equal(x, r["installed"][0]) for x in r["installed"])

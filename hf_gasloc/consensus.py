@@ -1,0 +1,74 @@
+"""The workers' average: swapped in for evaluation and saving, installed at the end, measured.
+
+Every function here is collective: all ranks must call it together.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+
+from .comm import Comm
+from .flat import FlatModel
+
+
+class Consensus:
+    """The average of all workers' live parameters, on every rank."""
+
+    def __init__(self, flat: FlatModel, comm: Comm):
+        self.flat, self.comm = flat, comm
+
+    @torch.no_grad()
+    def start_from_first_rank(self) -> None:
+        """Every rank takes rank 0's parameters as its parameters and anchor."""
+        self.flat.load_live()
+        self.comm.broadcast_from_first_(self.flat.works)
+        self.flat.store_work()
+        self.flat.set_anchor_from_work()
+        for g in self.flat.groups:
+            g.anchor.grad = g.work  # the outer gradient is computed in the work buffer
+
+    @torch.no_grad()
+    def _average_live_into_work(self) -> None:
+        self.flat.load_live()
+        self.comm.all_reduce_mean_(self.flat.works)
+
+    def swap_in(self) -> list[list[torch.Tensor]]:
+        """Put the average into the model; returns this rank's own parameters for ``restore``."""
+        backup = self.flat.backup_live()
+        self._average_live_into_work()
+        self.flat.store_work()
+        return backup
+
+    def restore(self, backup: list[list[torch.Tensor]]) -> None:
+        """Give this rank back the parameters ``swap_in`` returned, bit for bit."""
+        self.flat.restore_live(backup)
+
+    @contextmanager
+    def model(self) -> Iterator[None]:
+        """Inside the block every rank holds the average; on exit, its own parameters again."""
+        backup = self.swap_in()
+        try:
+            yield
+        finally:
+            self.restore(backup)
+
+    @torch.no_grad()
+    def install(self) -> None:
+        """Replace parameters and anchors on every rank by the average."""
+        self._average_live_into_work()
+        self.flat.store_work()
+        self.flat.set_anchor_from_work()
+
+
+def consensus_distance(proposals: list[torch.Tensor], comm: Comm) -> float:
+    """Exact ``mean_i ||z_i - z_bar||^2 / ||z_bar||^2`` (one model-sized All-Reduce)."""
+    means = [z.clone() for z in proposals]
+    comm.all_reduce_mean_(means)
+    spread = sum(float(torch.dist(z, m) ** 2) for z, m in zip(proposals, means))
+    norm = sum(float(torch.dot(m, m)) for m in means)
+    total = torch.tensor([spread], dtype=torch.float64)
+    comm.all_reduce_mean_([total])
+    return float(total) / max(norm, torch.finfo(torch.float32).tiny)

@@ -1,0 +1,41 @@
+"""Reading setting values that may arrive as strings (flags, environment variables)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def number(name: str, value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {value!r}.") from None
+
+
+def positive_float(name: str, value: Any) -> float:
+    result = number(name, value)
+    if not result > 0:
+        raise ValueError(f"{name} must be > 0, got {result}.")
+    return result
+
+
+def integer(name: str, value: Any, minimum: int | None = None) -> int:
+    try:
+        result = int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be an integer, got {value!r}.") from None
+    if result != float(value) or (minimum is not None and result < minimum):
+        bound = "" if minimum is None else f" >= {minimum}"
+        raise ValueError(f"{name} must be an integer{bound}, got {value!r}.")
+    return result
+
+
+def boolean(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{name} must be true or false, got {value!r}.")
