@@ -16,20 +16,30 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def spawn(fn: Callable[..., Any], world_size: int, *args: Any, backend: str = "gloo") -> list[Any]:
+def spawn(fn: Callable[..., Any], world_size: int, *args: Any, backend: str = "gloo",
+          abandon: tuple[int, ...] = ()) -> list[Any]:
     """Run ``fn(rank, world_size, *args)`` on ranks of one process group; return their results.
 
-    ``backend="nccl"`` puts rank ``r`` on ``cuda:r``.
+    ``backend="nccl"`` puts rank ``r`` on ``cuda:r``. Ranks in ``abandon`` (a
+    fault benchmark stops them) are not waited for: once the others have
+    answered, they are killed and their result is ``None``.
     """
     with tempfile.TemporaryDirectory() as folder:
         queue = mp.get_context("spawn").SimpleQueue()
-        mp.start_processes(_entry, (world_size, folder, queue, fn, args, backend),
-                           nprocs=world_size, start_method="spawn")
-        results = dict(queue.get() for _ in range(world_size))
-    return [results[rank] for rank in range(world_size)]
+        context = mp.start_processes(_entry, (world_size, folder, queue, fn, args, backend,
+                                              bool(abandon)),
+                                     nprocs=world_size, start_method="spawn", join=False)
+        try:
+            results = dict(queue.get() for _ in range(world_size - len(abandon)))
+        finally:
+            for rank in abandon:
+                context.processes[rank].kill()
+            for process in context.processes:
+                process.join()
+    return [results.get(rank) for rank in range(world_size)]
 
 
-def _entry(rank, world_size, folder, queue, fn, args, backend):
+def _entry(rank, world_size, folder, queue, fn, args, backend, abandoning):
     threads = max(1, (os.cpu_count() or 1) // world_size)
     torch.set_num_threads(threads)
     if backend == "nccl":
@@ -39,7 +49,8 @@ def _entry(rank, world_size, folder, queue, fn, args, backend):
                             timeout=timedelta(minutes=10))
     try:
         queue.put((rank, fn(rank, world_size, *args)))
-        dist.barrier()
+        if not abandoning:
+            dist.barrier()
     finally:
         dist.destroy_process_group()
 

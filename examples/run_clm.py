@@ -42,6 +42,7 @@ from transformers import (
 )
 
 from hf_gasloc import GASLoCArguments, GASLoCCallback
+from hf_gasloc.checkpoint import complete_checkpoints
 from hf_gasloc.data import data_files_builder, load_text_dataset, pack_into_blocks
 from hf_gasloc.recipes import load_recipe
 
@@ -125,19 +126,27 @@ class DataTrainingArguments:
 
 
 @dataclass
-class RecipeArguments:
+class ScriptArguments:
     recipe: Optional[str] = field(default=None, metadata={"help": "a recipes/*.yaml file; flags override it"})
     recipe_smoke_test: bool = field(
         default=False, metadata={"help": "run the recipe on a shrunk model for a few CPU steps"}
     )
+    auto_resume: bool = field(
+        default=True,
+        metadata={"help": "resume from the newest complete checkpoint in --output_dir when "
+                          "--resume_from_checkpoint is not given (after a restart, on any number "
+                          "of workers); --auto_resume false starts afresh"},
+    )
+
+
+ARGUMENT_CLASSES = (ModelArguments, DataTrainingArguments, TrainingArguments, GASLoCArguments,
+                    ScriptArguments)
 
 
 def parse_arguments(argv: Optional[list[str]] = None) -> tuple:
     """Parse and check every flag; bad input exits here, before any data is read."""
     argv = sys.argv[1:] if argv is None else argv
-    parser = HfArgumentParser(
-        (ModelArguments, DataTrainingArguments, TrainingArguments, GASLoCArguments, RecipeArguments)
-    )
+    parser = HfArgumentParser(ARGUMENT_CLASSES)
     given = {arg.split("=")[0].lstrip("-") for arg in argv if arg.startswith("--")}
     recipe_path, smoke = _recipe_flags(argv)
     try:
@@ -152,7 +161,8 @@ def parse_arguments(argv: Optional[list[str]] = None) -> tuple:
     defaults.update(SMOKE_TEST if smoke else {})
     defaults["use_cpu"] = not torch.cuda.is_available()
     parser.set_defaults(**defaults)
-    model_args, data_args, training_args, gasloc_args, _ = parser.parse_args_into_dataclasses(argv)
+    model_args, data_args, training_args, gasloc_args, script_args = (
+        parser.parse_args_into_dataclasses(argv))
     try:  # every bad flag fails here, before any data is read or any step is taken
         plugin = gasloc_args.to_plugin()
         files = [f for f in (data_args.train_file, data_args.validation_file) if f]
@@ -167,6 +177,14 @@ def parse_arguments(argv: Optional[list[str]] = None) -> tuple:
             raise ValueError("--streaming needs --max_steps (a stream has no length).")
     except (ValueError, FileNotFoundError) as error:
         parser.error(str(error))
+    if script_args.auto_resume and training_args.resume_from_checkpoint is None:
+        found = complete_checkpoints(training_args.output_dir, gasloc=plugin.enabled)
+        if found:
+            training_args.resume_from_checkpoint = str(found[-1])
+            if training_args.process_index == 0:
+                logger.warning("resuming from %s, the newest complete checkpoint in %s "
+                               "(--auto_resume false starts afresh)", found[-1],
+                               training_args.output_dir)
     if recipe and recipe.workers != training_args.world_size:
         logger.warning("recipe %s was planned for %d workers; this run has %d (max_steps=%d keeps "
                        "its token budget)", recipe.path, recipe.workers, training_args.world_size,

@@ -2,38 +2,51 @@
 
 Trainer checkpoints hold rank 0's model and optimizer only; a GASLoC worker's
 state differs per rank, so each rank also writes ``gasloc/rank<r>.pt`` into the
-checkpoint folder. The file is written to a temporary name and renamed, so a
-crash mid-write never leaves a truncated file under the final name.
+checkpoint folder (to a temporary name, then renamed: a crash mid-write never
+leaves a truncated file under the final name). Once every rank's file is
+written, rank 0 writes ``gasloc/manifest.json``: a checkpoint without it is
+incomplete. Every file carries the run's id and the step, so a file from
+another run or another step is an error that names it. Resuming on a different
+number of workers is ``elastic.py``'s job.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
+import re
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .engine import GASLoC
+from .errors import CheckpointError
 from .inner import innermost_optimizer
 
+logger = logging.getLogger(__name__)
+
 FOLDER = "gasloc"
+MANIFEST = "manifest.json"
 
 
 def rank_state_path(checkpoint_dir: str | os.PathLike, rank: int) -> Path:
     return Path(checkpoint_dir) / FOLDER / f"rank{rank}.pt"
 
 
-def save_rank_state(
-    checkpoint_dir: str | os.PathLike,
-    engine: GASLoC,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-) -> Path:
+def manifest_path(checkpoint_dir: str | os.PathLike) -> Path:
+    return Path(checkpoint_dir) / FOLDER / MANIFEST
+
+
+def save_rank_state(checkpoint_dir: str | os.PathLike, engine: GASLoC, model: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer, step: int) -> Path:
     """Write this rank's model, inner optimizer and GASLoC state; return the file."""
     path = rank_state_path(checkpoint_dir, engine.rank)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {
+        "run_id": engine.run_id,
+        "step": step,
         "model": model.state_dict(),
         "optimizer": innermost_optimizer(optimizer).state_dict(),
         "gasloc": engine.state_dict(),
@@ -44,20 +57,94 @@ def save_rank_state(
     return path
 
 
-def load_rank_state(
-    checkpoint_dir: str | os.PathLike,
-    engine: GASLoC,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-) -> None:
-    """Restore what ``save_rank_state`` wrote for this rank."""
-    path = rank_state_path(checkpoint_dir, engine.rank)
-    if not path.exists():
-        raise FileNotFoundError(
-            f"no GASLoC state for rank {engine.rank} in {checkpoint_dir} (expected {path}). "
-            "Resume from a checkpoint written by a GASLoC run with the same number of workers."
-        )
-    state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
+def write_manifest(checkpoint_dir: str | os.PathLike, engine: GASLoC, step: int) -> Path:
+    """Mark the checkpoint complete (rank 0, after every rank wrote its file)."""
+    manifest = {"run_id": engine.run_id, "step": step, "world_size": engine.world_size,
+                "round": engine.round, "topology": engine.config.topology,
+                "seed": engine.config.seed, "parameters": engine.flat.shapes()}
+    path = manifest_path(checkpoint_dir)
+    partial = path.with_suffix(".json.partial")
+    partial.write_text(json.dumps(manifest, indent=1))
+    os.replace(partial, path)
+    return path
+
+
+def read_manifest(checkpoint_dir: str | os.PathLike) -> dict[str, Any]:
+    path = manifest_path(checkpoint_dir)
+    if not path.is_file():
+        raise CheckpointError(
+            f"{path} is missing: {checkpoint_dir} was not completely written by a GASLoC run "
+            "(a run that stopped while saving, or a checkpoint of a run without GASLoC). Resume "
+            "from an earlier checkpoint; run_clm.py picks the newest complete one by itself.")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{path} is not valid JSON ({error}); resume from an earlier "
+                              "checkpoint.") from None
+
+
+def check_manifest(manifest: dict[str, Any], checkpoint_dir: str | os.PathLike,
+                   engine: GASLoC, step: int | None) -> None:
+    """The checkpoint must be of this step and of a run with the same graphs and model."""
+    path = manifest_path(checkpoint_dir)
+    if step is not None and manifest["step"] != step:
+        raise CheckpointError(f"{path} is of step {manifest['step']} but the Trainer resumes at "
+                              f"step {step}: the checkpoint's files come from different saves.")
+    ours = {"topology": engine.config.topology, "seed": engine.config.seed,
+            "parameters": [list(p) for p in engine.flat.shapes()]}
+    for key, value in ours.items():
+        saved = manifest[key] if key != "parameters" else [list(p) for p in manifest[key]]
+        if saved != value:
+            raise CheckpointError(
+                f"{path} was saved with {key}={saved!r} but this run has {key}={value!r}: it is a "
+                "checkpoint of another run. Resume with that run's settings, or start afresh.")
+
+
+def load_own_file(checkpoint_dir: str | os.PathLike, rank: int,
+                  manifest: dict[str, Any]) -> dict[str, Any]:
+    """Read ``gasloc/rank<rank>.pt`` and check that it belongs to the manifest's run and step."""
+    path = rank_state_path(checkpoint_dir, rank)
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing: the checkpoint lacks rank {rank}'s own state. "
+                              "Resume from an earlier checkpoint.")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - any unreadable file gets the same clear error
+        raise CheckpointError(f"{path} is truncated or corrupt ({type(error).__name__}: "
+                              f"{str(error)[:120]}); resume from an earlier checkpoint.") from None
+    if not isinstance(state, dict) or {"run_id", "step", "gasloc"} - set(state):
+        raise CheckpointError(f"{path} is not a GASLoC rank state; resume from an earlier "
+                              "checkpoint.")
+    if state["run_id"] != manifest["run_id"] or state["step"] != manifest["step"]:
+        raise CheckpointError(
+            f"{path} belongs to another run or step (run {state['run_id']}, step {state['step']}) "
+            f"than {manifest_path(checkpoint_dir)} (run {manifest['run_id']}, step "
+            f"{manifest['step']}); resume from a checkpoint whose files were saved together.")
+    return state
+
+
+def restore_own_state(state: dict[str, Any], engine: GASLoC, model: torch.nn.Module,
+                      optimizer: torch.optim.Optimizer) -> None:
     engine.load_state_dict(state["gasloc"])
     model.load_state_dict(state["model"])
     innermost_optimizer(optimizer).load_state_dict(state["optimizer"])
+
+
+def complete_checkpoints(output_dir: str | os.PathLike, gasloc: bool = True) -> list[Path]:
+    """``checkpoint-<step>`` folders in ``output_dir`` that were completely written, oldest first.
+
+    A complete checkpoint has Trainer's ``trainer_state.json`` and, for a GASLoC
+    run, ``gasloc/manifest.json`` (written last).
+    """
+    found = []
+    for folder in Path(output_dir).glob("checkpoint-*"):
+        match = re.fullmatch(r"checkpoint-(\d+)", folder.name)
+        if not match or not folder.is_dir():
+            continue
+        complete = (folder / "trainer_state.json").is_file() and (
+            not gasloc or manifest_path(folder).is_file())
+        if complete:
+            found.append((int(match.group(1)), folder))
+        else:
+            logger.warning("%s is incomplete (a run stopped while saving it); skipped.", folder)
+    return [folder for _, folder in sorted(found)]

@@ -66,6 +66,18 @@ class GASLoCConfig:
         "compute the exact consensus distance every N rounds (one model All-Reduce); 0: never",
         int,
     )
+    peer_timeout: float | None = _setting(
+        600.0,
+        "seconds a worker waits for the peer of its round (its inner steps and the transfer) "
+        "before going on without it and leaving it out of later rounds",
+        float,
+    )
+    max_bad_rounds: int | None = _setting(
+        3,
+        "consecutive rounds a worker's proposal may be non-finite (NaN/inf), each recovered "
+        "from a healthy peer, before training stops with an error",
+        int,
+    )
 
     def __post_init__(self) -> None:
         for f in fields(GASLoCConfig):
@@ -78,6 +90,8 @@ class GASLoCConfig:
         self.seed = integer("seed", self.seed)
         self.anchor_on_cpu = boolean("anchor_on_cpu", self.anchor_on_cpu)
         self.consensus_every = integer("consensus_every", self.consensus_every, minimum=0)
+        self.peer_timeout = positive_float("peer_timeout", self.peer_timeout)
+        self.max_bad_rounds = integer("max_bad_rounds", self.max_bad_rounds, minimum=1)
         if self.gossip_weight is not None:
             self.gossip_weight = positive_float("gossip_weight", self.gossip_weight)
         self.outer_optimizer, self.outer_momentum = resolve_outer_optimizer(

@@ -1,6 +1,9 @@
 """The workers' average: swapped in for evaluation and saving, installed at the end, measured.
 
-Every function here is collective: all ranks must call it together.
+Every function here is collective: all ranks must call it together. The average
+leaves out workers whose parameters are not finite (a tiny count All-Reduce
+first); with no finite worker, or with a lost worker (the All-Reduce needs every
+rank), it refuses with an error.
 """
 
 from __future__ import annotations
@@ -11,14 +14,17 @@ from typing import Iterator
 import torch
 
 from .comm import Comm
+from .errors import NonFiniteError, PeerLostError
 from .flat import FlatModel
+from .health import all_finite
+from .peers import LostPeers
 
 
 class Consensus:
     """The average of all workers' live parameters, on every rank."""
 
-    def __init__(self, flat: FlatModel, comm: Comm):
-        self.flat, self.comm = flat, comm
+    def __init__(self, flat: FlatModel, comm: Comm, lost: LostPeers):
+        self.flat, self.comm, self.lost = flat, comm, lost
 
     @torch.no_grad()
     def start_from_first_rank(self) -> None:
@@ -32,8 +38,27 @@ class Consensus:
 
     @torch.no_grad()
     def _average_live_into_work(self) -> None:
+        """``work <- mean`` of the finite workers' live parameters."""
+        if self.lost.lost:
+            raise PeerLostError(
+                f"GASLoC rank {self.comm.rank}: the consensus needs every worker, but "
+                + ", ".join(self.lost.describe(r) for r in self.lost.lost)
+                + " stopped answering. Save this worker's own model instead, or restart the "
+                "job with the workers that are alive (docs/reliability.md)."
+            )
         self.flat.load_live()
-        self.comm.all_reduce_mean_(self.flat.works)
+        finite = all_finite(self.flat.works)
+        if not finite:
+            for work in self.flat.works:
+                work.zero_()
+        count = torch.tensor([float(finite)], dtype=torch.float64)
+        self.comm.all_reduce_sum_([count])
+        if not count.item():
+            raise NonFiniteError("GASLoC: every worker's parameters are non-finite; there is no "
+                                 "consensus to evaluate or save.")
+        self.comm.all_reduce_sum_(self.flat.works)
+        for work in self.flat.works:
+            work.div_(count.item())
 
     def swap_in(self) -> list[list[torch.Tensor]]:
         """Put the average into the model; returns this rank's own parameters for ``restore``."""

@@ -23,10 +23,12 @@ from .config import GASLoCConfig
 from .consensus import Consensus
 from .exchange import GossipExchange
 from .flat import FlatModel
-from .inner import InnerStepHook
+from .health import Health, all_finite
+from .inner import InnerStepHook, reset_nonfinite_state
 from .local_steps import local_steps_policy
 from .metrics import RoundMetrics, Totals, as_log
 from .outer_optimizer import build_outer_optimizer
+from .peers import LostPeers
 from .pipeline import OuterStep, Round
 from .state import engine_state, restore_engine_state
 from .topology import build_topology
@@ -58,7 +60,7 @@ class GASLoC:
         if not config.enabled:
             raise ValueError("topology 'none' is plain DDP: do not attach a GASLoC engine.")
         self.config = config
-        self.comm = Comm(process_group)
+        self.comm = Comm(process_group, config.peer_timeout)
         self.rank, self.world_size = self.comm.rank, self.comm.world_size
         self.topology = build_topology(config.topology, self.world_size, config.seed,
                                        config.gossip_weight)
@@ -66,14 +68,18 @@ class GASLoC:
             config.local_steps, self.rank, self.world_size, self.topology.synchronous)
         self.flat = FlatModel(model, config.anchor_on_cpu)
         check_ranks_agree(settings_to_agree_on(config, self.topology, self.flat), self.comm)
-        self.consensus = Consensus(self.flat, self.comm)
+        self.run_id = self.comm.run_id  # a resumed run takes its checkpoint's
+        self.lost = LostPeers(self.rank, self.comm.hosts)
+        self.health = Health(self.rank, config.max_bad_rounds)
+        self.consensus = Consensus(self.flat, self.comm, self.lost)
         self.consensus.start_from_first_rank()
         self.outer_optimizer = build_outer_optimizer(
             config.outer_optimizer, config.outer_lr, config.outer_momentum, self.flat.anchors)
         self.exchange = GossipExchange(self.flat.works, [g.dtype for g in self.flat.groups],
                                        self.comm, self.flat.device)
         self.pipeline = OuterStep(self.flat, self.exchange, self.outer_optimizer,
-                                  self.local_steps_policy, config.consensus_every)
+                                  self.local_steps_policy, self.lost, self.health,
+                                  self._reset_inner_state, config.consensus_every)
         self.round = 0
         self.steps_in_round = 0
         self.last_round: RoundMetrics | None = None
@@ -102,6 +108,7 @@ class GASLoC:
             self.detach()
 
     def _after_inner_step(self, *_: Any) -> None:
+        self.comm.beat()
         now = time.perf_counter()
         if self._last_step_end is not None:
             self.local_steps_policy.observe_step(now - self._last_step_end)
@@ -129,19 +136,59 @@ class GASLoC:
     def outer_step(self) -> RoundMetrics:
         """Run one GASLoC round now (normally called by the inner-optimizer hook)."""
         graph = self.topology.graph(self.round)
-        metrics = self.pipeline.run(Round(self.round, graph, self.outer_lr, self.steps_in_round))
+        inner_step = self.totals.inner_steps + self.steps_in_round
+        metrics = self.pipeline.run(Round(self.round, graph, self.outer_lr, self.steps_in_round,
+                                          inner_step))
         self.totals.add(metrics)
         self.last_round = metrics
-        if graph.peers[self.rank]:  # a worker sitting the round out measured nothing
+        if metrics.wait_seconds is not None:  # a worker sitting the round out measured nothing
             self.local_steps_policy.observe_transfer(self.round, metrics.comm_seconds)
         self.round += 1
         self.steps_in_round = 0
-        self.local_steps_policy.plan(list(self.topology.graph(self.round).peers[self.rank]))
+        next_peers = self.lost.alive(self.topology.graph(self.round).peers[self.rank])
+        self.local_steps_policy.plan(list(next_peers))
         return metrics
+
+    @property
+    def lost_peers(self) -> list[int]:
+        """Ranks this worker no longer waits for (it timed out on them, or heard so)."""
+        return self.lost.lost
+
+    def check_peers(self, when: str) -> list[int]:
+        """Roll call (collective): ranks that do not answer within ``peer_timeout`` become lost.
+
+        For the moments where the caller is about to run collectives of its own
+        (Trainer's logging, evaluation, checkpoints), which have no deadline.
+        """
+        for rank in self.comm.roll_call():
+            self.lost.mark(rank, when, self.comm.silence)
+        return self.lost_peers
+
+    def _reset_inner_state(self) -> None:
+        if self._hook.optimizer is not None:
+            reset_nonfinite_state(self._hook.optimizer)
+
+    @torch.no_grad()
+    def recover_if_nonfinite(self) -> bool:
+        """Roll a worker with non-finite parameters back to its anchor (before saving its state).
+
+        Returns whether it had to; its inner optimizer's non-finite state is reset too.
+        """
+        self.flat.load_live()
+        if all_finite(self.flat.works):
+            return False
+        self.health.unhealthy_round(self.round, self.totals.inner_steps + self.steps_in_round,
+                                    "it rolls back to its last anchor")
+        self._reset_inner_state()
+        self.flat.store_anchor()
+        return True
 
     def metrics(self, prefix: str = "gasloc/") -> dict[str, float]:
         """The last round's metrics and the run's totals, flat, for a logger."""
-        return as_log(self.last_round, self.totals, prefix)
+        log = as_log(self.last_round, self.totals, prefix)
+        log[prefix + "recoveries"] = self.health.recoveries
+        log[prefix + "lost_peers"] = len(self.lost.lost)
+        return log
 
     # ------------------------------------------------ consensus for eval/save
     def consensus_model(self):

@@ -13,10 +13,10 @@ class RoundMetrics:
     this round's peers. ``consensus_distance`` is exact,
     ``mean_i ||z_i - z_bar||^2 / ||z_bar||^2`` over all workers, and is only
     computed on the rounds that ``consensus_every`` asks for (one extra All-Reduce).
-    ``bytes_sent`` counts this worker's outgoing payload (for the complete graph,
-    the ``2 (n - 1) / n`` model sizes a ring All-Reduce sends). With adaptive
-    ``H_i``, ``wait_seconds`` is the time spent waiting for the peers to be ready and
-    ``comm_seconds`` the transfer alone.
+    ``bytes_sent`` counts what this worker sent: headers and messages (for the
+    complete graph, the ``2 (n - 1) / n`` model sizes a ring All-Reduce sends).
+    ``wait_seconds`` is the time spent waiting for the peers to reach the
+    exchange (their header's arrival), ``comm_seconds`` the transfer after that.
     """
 
     round: int

@@ -26,14 +26,22 @@ def engine_state(engine: "GASLoC") -> dict[str, Any]:
         "anchors": engine.flat.anchors,
         "outer_optimizer": engine.outer_optimizer.state_dict(),
         "totals": dataclasses.asdict(engine.totals),
+        "health": engine.health.state_dict(),
+        "lost_peers": engine.lost.state_dict(),
     }
 
 
 @torch.no_grad()
-def restore_engine_state(engine: "GASLoC", state: dict[str, Any]) -> None:
-    """Restore what ``engine_state`` saved on this same rank of the same run."""
-    expected = {"rank": engine.rank, "world_size": engine.world_size,
-                "topology": engine.config.topology, "seed": engine.config.seed}
+def restore_engine_state(engine: "GASLoC", state: dict[str, Any], resized: bool = False) -> None:
+    """Restore what ``engine_state`` saved on this rank.
+
+    ``resized``: the run resumes on another number of workers, so the rank and
+    world size may differ, and what depends on them (position in the round,
+    ``H_i`` measurements, lost peers) starts afresh; the caller sets the round.
+    """
+    expected = {"topology": engine.config.topology, "seed": engine.config.seed}
+    if not resized:
+        expected.update(rank=engine.rank, world_size=engine.world_size)
     for key, value in expected.items():
         if state.get(key) != value:
             raise ValueError(
@@ -43,7 +51,10 @@ def restore_engine_state(engine: "GASLoC", state: dict[str, Any]) -> None:
     for anchor, saved in zip(engine.flat.anchors, state["anchors"], strict=True):
         anchor.copy_(saved)
     engine.outer_optimizer.load_state_dict(state["outer_optimizer"])
-    engine.round = state["round"]
-    engine.steps_in_round = state["steps_in_round"]
     engine.totals = Totals(**state["totals"])
-    engine.local_steps_policy.load_state_dict(state["local_steps_policy"])
+    engine.health.load_state_dict(state["health"])
+    if not resized:
+        engine.round = state["round"]
+        engine.steps_in_round = state["steps_in_round"]
+        engine.local_steps_policy.load_state_dict(state["local_steps_policy"])
+        engine.lost.load_state_dict(state["lost_peers"])

@@ -38,7 +38,9 @@ from transformers.trainer_callback import DefaultFlowCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.training_args import ParallelMode
 
-from .checkpoint import load_rank_state, save_rank_state
+from .checkpoint import complete_checkpoints, save_rank_state, write_manifest
+from .elastic import resume
+from .errors import PeerLostError
 from .config import GASLoCConfig
 from .ddp import disable_gradient_sync
 from .engine import GASLoC
@@ -62,6 +64,7 @@ class GASLoCCallback(TrainerCallback):
         self._model: torch.nn.Module | None = None
         self._optimizer: torch.optim.Optimizer | None = None
         self._own_parameters: list[list[torch.Tensor]] | None = None
+        self._replaced_timeout = None
 
     # ---------------------------------------------------------------- start
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
@@ -82,12 +85,14 @@ class GASLoCCallback(TrainerCallback):
         self._run_before_reporters(trainer)
         self._model, self._optimizer = model, optimizer
         self.engine = GASLoC(model, optimizer, self.plugin)
+        # Trainer's own collectives (logging gathers, evaluation, saving) get the same deadline.
+        self._replaced_timeout = self.engine.comm.bound_group_timeout()
         if state.global_step > 0:
             checkpoint = resume_from or os.path.join(
                 args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
             )
-            load_rank_state(checkpoint, self.engine, model, optimizer)
-            logger.info("GASLoC: restored rank %d's own state from %s", self.engine.rank, checkpoint)
+            how = resume(checkpoint, self.engine, model, optimizer, state.global_step)
+            logger.info("GASLoC: rank %d resumed from %s with %s", self.engine.rank, checkpoint, how)
 
     def _distributed(self, args) -> bool:
         launched = int(os.environ.get("WORLD_SIZE", "1"))
@@ -134,8 +139,31 @@ class GASLoCCallback(TrainerCallback):
 
     # -------------------------------------------- consensus for eval and save
     def on_step_end(self, args, state, control, **kwargs):
-        if self.engine is not None and (control.should_evaluate or control.should_save):
+        if self.engine is None:
+            return
+        if control.should_log or control.should_evaluate or control.should_save:
+            self.engine.check_peers(f"the check before step {state.global_step}'s collectives")
+        if self.engine.lost_peers:
+            self._stop_for_lost_peers(args)
+        if control.should_save:  # a checkpoint never holds a non-finite value
+            self.engine.recover_if_nonfinite()
+        if control.should_evaluate or control.should_save:
             self._swap_in_consensus()
+
+    def _stop_for_lost_peers(self, args) -> None:
+        """Trainer's logging, evaluation and saving need every rank: stop, for a restart."""
+        lost = self.engine.lost
+        checkpoints = complete_checkpoints(args.output_dir)
+        raise PeerLostError(
+            f"GASLoC {lost.describe(self.engine.rank)}: "
+            + ", ".join(f"{lost.describe(r)} (in {lost.when[r]})" for r in lost.lost)
+            + " stopped answering (peer_timeout="
+            f"{self.engine.config.peer_timeout:g} s). The Trainer's logging, evaluation and "
+            "checkpoints need every rank, so this run stops here. Restart it with the workers "
+            "that are alive (torchrun --nnodes MIN:MAX --max-restarts N, docs/reliability.md): "
+            "run_clm.py resumes from the newest complete checkpoint"
+            + (f", {checkpoints[-1]}." if checkpoints else " (there is none yet).")
+        )
 
     def on_epoch_end(self, args, state, control, **kwargs):
         self.on_step_end(args, state, control)
@@ -148,15 +176,21 @@ class GASLoCCallback(TrainerCallback):
             return
         self._restore_own_parameters()
         folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-        save_rank_state(folder, self.engine, self._model, self._optimizer)
+        save_rank_state(folder, self.engine, self._model, self._optimizer, state.global_step)
         dist.barrier(group=self.engine.group)  # every rank's file is complete before going on
+        if self.engine.rank == 0:
+            write_manifest(folder, self.engine, state.global_step)
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.engine is None:
             return
+        if self.engine.check_peers("the check before the final consensus"):
+            self._stop_for_lost_peers(args)
         self._restore_own_parameters()
         self.engine.install_consensus()
         self.engine.detach()
+        if self._replaced_timeout is not None:
+            self.engine.comm.set_group_timeout(self._replaced_timeout)
 
     def _swap_in_consensus(self) -> None:
         if self._own_parameters is None:

@@ -16,25 +16,35 @@ import torch.multiprocessing as mp
 
 
 def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 240,
-              init: bool = True) -> list[Any]:
+              init: bool = True, abandon: tuple[int, ...] = ()) -> list[Any]:
     """Call ``fn(rank, world_size, *args)`` on ``world_size`` processes; return each result.
 
     With ``init=False`` the ranks get the torchrun environment variables
     (RANK, WORLD_SIZE, MASTER_ADDR, ...) and no process group, for code that
     initialises its own (accelerate, Trainer). A failure on any rank fails the
-    caller with that rank's traceback.
+    caller with that rank's traceback. Ranks in ``abandon`` (a fault test freezes
+    them) are not waited for: once the others are done they are killed, and
+    their result is ``None``; the others skip the final barrier.
     """
     context = mp.get_context("spawn")
     with tempfile.TemporaryDirectory() as folder:
         port = _free_port()
         processes = [
-            context.Process(target=_entry, args=(fn, rank, world_size, folder, port, init, args))
+            context.Process(target=_entry,
+                            args=(fn, rank, world_size, folder, port, init, bool(abandon), args))
             for rank in range(world_size)
         ]
         for process in processes:
             process.start()
-        for process in processes:
-            process.join(timeout)
+        try:
+            for rank, process in enumerate(processes):
+                if rank not in abandon:
+                    process.join(timeout)
+        finally:
+            for rank in abandon:
+                if processes[rank].is_alive():
+                    processes[rank].kill()  # SIGKILL ends a stopped process too
+                    processes[rank].join()
         hung = [rank for rank, p in enumerate(processes) if p.is_alive()]
         for process in processes:
             if process.is_alive():
@@ -43,6 +53,9 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: floa
         results = []
         for rank in range(world_size):
             path = os.path.join(folder, f"rank{rank}.pt")
+            if rank in abandon:
+                results.append(None)
+                continue
             if not os.path.exists(path):
                 errors.append(f"rank {rank}: no result (exit code {processes[rank].exitcode})")
                 continue
@@ -65,7 +78,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(fn, rank, world_size, folder, port, init, args) -> None:
+def _entry(fn, rank, world_size, folder, port, init, abandoning, args) -> None:
     torch.set_num_threads(1)
     os.environ.update(
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
@@ -81,7 +94,7 @@ def _entry(fn, rank, world_size, folder, port, init, args) -> None:
         result = (False, traceback.format_exc())
     torch.save(result, os.path.join(folder, f"rank{rank}.pt"))
     if dist.is_initialized():
-        if result[0]:
+        if result[0] and not abandoning:
             dist.barrier()
         dist.destroy_process_group()
 

@@ -51,14 +51,14 @@ def _slow_worker(rank, world_size, topology, slow_rank, delay):
     inner = torch.optim.SGD(model.parameters(), lr=0.01)
     engine = GASLoC(model, inner, topology=topology, local_steps="auto:10", seed=2)
     if rank == slow_rank:  # a slow link: every transfer of this worker takes `delay` longer
-        swap = engine.comm.swap
+        post = torch.distributed.batch_isend_irecv
 
-        def slow_swap(sends, receives):
-            if any(t.dtype != torch.float64 for tensors in sends.values() for t in tensors):
-                time.sleep(delay)  # the model's message, not the fp64 table of link times
-            return swap(sends, receives)
+        def slow_link(ops):  # the header (fp64) goes at once, the model's message late
+            if any(op.tensor.dtype != torch.float64 for op in ops):
+                time.sleep(delay)
+            return post(ops)
 
-        engine.comm.swap = slow_swap
+        torch.distributed.batch_isend_irecv = slow_link
     history, step = [], 0
     while engine.round < 16:
         time.sleep(0.02)  # a 20 ms inner step

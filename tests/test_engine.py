@@ -140,7 +140,8 @@ def _metrics_and_consensus(rank, world_size):
 def test_metrics_and_consensus_model():
     for r in run_ranks(_metrics_and_consensus, 4):
         metrics = r["metrics"]
-        assert metrics.bytes_sent == r["numel"] * 4 * r["peers"] and r["peers"] == 2
+        header = (2 + 4) * 8  # fp64: round, health, lost flags of the 4 ranks
+        assert metrics.bytes_sent == (r["numel"] * 4 + header) * r["peers"] and r["peers"] == 2
         assert metrics.peer_distance == pytest.approx(r["expected_peer"], rel=1e-4)
         assert metrics.consensus_distance == pytest.approx(r["expected_consensus"], rel=1e-4)
         assert metrics.comm_seconds > 0 and metrics.inner_steps == 0

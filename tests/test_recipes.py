@@ -19,11 +19,9 @@ import run_clm  # noqa: E402
 
 
 def flags() -> list[str]:
-    from transformers import HfArgumentParser, TrainingArguments
+    from transformers import HfArgumentParser
 
-    from hf_gasloc import GASLoCArguments
-    parser = HfArgumentParser((run_clm.ModelArguments, run_clm.DataTrainingArguments,
-                               TrainingArguments, GASLoCArguments, run_clm.RecipeArguments))
+    parser = HfArgumentParser(run_clm.ARGUMENT_CLASSES)
     return [action.dest for action in parser._actions]
 
 

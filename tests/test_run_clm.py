@@ -3,7 +3,6 @@
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -28,13 +27,15 @@ SMALL = ["--max_steps", "8", "--max_train_samples", "256", "--max_eval_samples",
          "num_attention_heads=2,num_key_value_heads=1,head_dim=16"]
 
 
-def launch(output_dir, *flags, processes=2):
+def launch(output_dir, *flags, processes=2, log=None):
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                str(ROOT / "examples/configs/cpu_4proc.yaml"), "--num_processes", str(processes),
                "--main_process_port", "0", str(SCRIPT), "--output_dir", str(output_dir),
                *SMALL, *flags]
     done = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-4000:]
+    if log is not None:
+        log.append(done.stderr)
     return json.loads((Path(output_dir) / "all_results.json").read_text())
 
 
@@ -129,13 +130,16 @@ def test_topology_none_is_plain_ddp(tmp_path):
     _assert_same_model(tmp_path / "none", tmp_path / "ddp", atol=1e-6)
 
 
-def test_resumed_run_ends_bit_for_bit_where_an_uninterrupted_one_does(tmp_path):
+def test_a_restarted_run_resumes_from_its_newest_complete_checkpoint_bit_for_bit(tmp_path):
     flags = ["--gasloc_topology", "1peer", "--gasloc_local_steps", "3",
              "--save_strategy", "steps", "--save_steps", "4"]
     launch(tmp_path, *flags)
     uninterrupted = load_file(tmp_path / "model.safetensors")
-    shutil.rmtree(tmp_path / "checkpoint-8")
-    launch(tmp_path, *flags, "--resume_from_checkpoint", str(tmp_path / "checkpoint-4"))
+    (tmp_path / "checkpoint-8/gasloc/manifest.json").unlink()  # died while saving checkpoint-8
+    log = []
+    launch(tmp_path, *flags, log=log)  # the same command: it finds checkpoint-4 by itself
+    assert "checkpoint-8 is incomplete" in log[0]
+    assert f"resuming from {tmp_path / 'checkpoint-4'}, the newest complete checkpoint" in log[0]
     resumed = load_file(tmp_path / "model.safetensors")
     assert all(torch.equal(uninterrupted[k], resumed[k]) for k in uninterrupted)
 

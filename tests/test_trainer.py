@@ -104,9 +104,13 @@ def test_callback_trains_without_step_collectives_and_evaluates_the_consensus(tm
         assert r["average_tokens"] is False
         assert len(r["intervals"]) == 6
         for step, counts in enumerate(r["intervals"], start=1):
-            expected = {"gloo:send": 1, "gloo:recv": 1} if step % 2 == 0 else {}
-            if step in (4, 6):  # eval steps: GASLoC swaps in the consensus (one All-Reduce)
-                expected["gloo:all_reduce"] = 1
+            # A round's exchange: a header and the message, each way.
+            expected = {"gloo:send": 2, "gloo:recv": 2} if step % 2 == 0 else {}
+            if step in (4, 6):  # eval steps: GASLoC swaps in the consensus (a count of the
+                expected["gloo:all_reduce"] = 2  # finite workers, then one All-Reduce)
+            if step in (3, 4, 6):  # before Trainer's logging/eval collectives: a roll call
+                for name in ("gloo:send", "gloo:recv"):
+                    expected[name] = expected.get(name, 0) + 1
             if step - 1 in (3, 4):  # after the logging step 3 and the eval step 4
                 for name, count in expected.items():
                     assert counts.get(name) == count, f"step {step}: {counts}"

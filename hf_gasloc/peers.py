@@ -1,0 +1,86 @@
+"""Which peers a worker has lost, and how that news spreads.
+
+A peer is lost when it does not answer within ``peer_timeout`` or its connection
+breaks. The worker that saw it goes on without it (as if it sat the round out)
+and tells the peers it meets next: every round's header carries the sender's
+lost flags, merged by union. Once a peer is known lost, nobody waits for it
+again: an edge to it is dropped from the round's graph, its weight staying with
+the worker.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+class LostPeers:
+    """This worker's view of which ranks are gone."""
+
+    def __init__(self, rank: int, hosts: list[str]):
+        self.rank, self.hosts = rank, hosts
+        self.flags = [False] * len(hosts)
+        self.when: dict[int, str] = {}  # rank -> when this worker learnt of it
+
+    def describe(self, rank: int) -> str:
+        return f"rank {rank} ({self.hosts[rank]})"
+
+    def mark(self, rank: int, when: str, reason: str) -> None:
+        """This worker itself found ``rank`` unresponsive ``when`` (e.g. ``"round 7"``)."""
+        if not self.flags[rank]:
+            self.flags[rank] = True
+            self.when[rank] = when
+            logger.warning("GASLoC %s: %s did not answer in %s (%s); going on without it.",
+                           self.describe(self.rank), self.describe(rank), when, reason)
+
+    def merge(self, flags: list[bool], round_index: int) -> None:
+        """Take a peer's news of lost ranks."""
+        for rank, lost in enumerate(flags):
+            if lost and not self.flags[rank] and rank != self.rank:
+                self.flags[rank] = True
+                self.when[rank] = f"round {round_index}, as a peer told"
+
+    def as_floats(self) -> list[float]:
+        return [float(f) for f in self.flags]
+
+    def alive(self, peers: dict[int, float]) -> dict[int, float]:
+        """The round's peers minus the lost ones (their weight stays with this worker)."""
+        return {j: w for j, w in peers.items() if not self.flags[j]}
+
+    @property
+    def lost(self) -> list[int]:
+        return [rank for rank, flag in enumerate(self.flags) if flag]
+
+    def check_not_isolated(self) -> None:
+        others = [r for r in range(len(self.flags)) if r != self.rank]
+        if others and all(self.flags[r] for r in others):
+            from .errors import PeerLostError
+            raise PeerLostError(
+                f"GASLoC {self.describe(self.rank)}: every other worker stopped answering ("
+                + ", ".join(f"{self.describe(r)} in {self.when[r]}" for r in others)
+                + "); this worker cannot gossip any more. Restart the job with the workers "
+                "that are alive (docs/reliability.md)."
+            )
+
+    def state_dict(self) -> dict:
+        return {"flags": list(self.flags), "when": dict(self.when)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.flags, self.when = list(state["flags"]), dict(state["when"])
+
+
+def header_tensor(round_index: int, healthy: bool, lost: LostPeers,
+                  table: torch.Tensor | None) -> torch.Tensor:
+    """What rides ahead of every message: round, health, lost flags, and the ``H_i`` table."""
+    values = [float(round_index), float(healthy), *lost.as_floats()]
+    header = torch.tensor(values, dtype=torch.float64)
+    return header if table is None else torch.cat([header, table])
+
+
+def read_header(header: torch.Tensor, world_size: int) -> tuple[int, bool, list[bool], torch.Tensor]:
+    round_index, healthy = int(header[0]), bool(header[1])
+    flags = [bool(f) for f in header[2 : 2 + world_size].tolist()]
+    return round_index, healthy, flags, header[2 + world_size :]
