@@ -49,12 +49,16 @@ class Run:
     outer_optimizer: str = "nesterov"
     outer_lr: float = 0.7
     outer_momentum: float | None = None
+    payload: str = "native"
+    payload_form: str = "auto"
 
     @property
     def key(self) -> str:
         momentum = "" if self.outer_momentum is None else f"-m{self.outer_momentum}"
+        payload = "" if self.payload == "native" else f"-{self.payload}"
+        form = "" if self.payload_form == "auto" else f"-{self.payload_form}"
         return (f"{self.method}-{self.topology}-n{self.workers}-H{self.local_steps}-"
-                f"{self.outer_optimizer}-lr{self.outer_lr}{momentum}")
+                f"{self.outer_optimizer}-lr{self.outer_lr}{momentum}{payload}{form}")
 
 
 def main_grid(workers: int) -> list[Run]:
@@ -90,10 +94,35 @@ def h1_gentle(workers: int) -> list[Run]:
             for topology in ("1peer", "2peer", "ring", "exponential")]
 
 
+def long_runs(workers: int) -> list[Run]:
+    """The methods that matter, for a budget where rounds number in the hundreds."""
+    return [Run("DDP", "none", workers, 1),
+            Run("DiLoCo", "complete", workers, 30),
+            Run("GASLoC", "2peer", workers, 30),
+            Run("GASLoC", "1peer", workers, 30)]
+
+
+def codecs(workers: int) -> list[Run]:
+    """Every payload at H = 30 (DiLoCo, GASLoC 2peer) and H = 1 (GASLoC 2peer, gentle outer),
+    and for sparse graphs both things a payload can carry (docs/algorithm.md)."""
+    runs = []
+    for payload in ("native", "bf16", "fp16", "int8"):
+        runs += [Run("DiLoCo", "complete", workers, 30, payload=payload),
+                 Run("GASLoC", "2peer", workers, 30, payload=payload),
+                 Run("GASLoC", "2peer", workers, 1, "nesterov", 1.0, 0.5, payload=payload)]
+    for payload in ("bf16", "int8"):
+        runs += [Run("GASLoC", "2peer", workers, 30, payload=payload,
+                     payload_form="pseudo_gradient"),
+                 Run("GASLoC", "2peer", workers, 1, "nesterov", 1.0, 0.5, payload=payload,
+                     payload_form="pseudo_gradient")]
+    return runs
+
+
 GRIDS = {"main": main_grid, "h_sweep": h_sweep, "outer": outer_grid,
-         "lr_momentum": lr_momentum_grid, "h1_gentle": h1_gentle}
+         "lr_momentum": lr_momentum_grid, "h1_gentle": h1_gentle, "long": long_runs,
+         "codecs": codecs}
 # The sweeps run at the first worker count only; "main" runs at every count.
-SWEEPS_AT_FIRST_COUNT = ("h_sweep", "outer", "lr_momentum", "h1_gentle")
+SWEEPS_AT_FIRST_COUNT = ("h_sweep", "outer", "lr_momentum", "h1_gentle", "long", "codecs")
 
 
 @dataclass(frozen=True)
@@ -126,7 +155,8 @@ def _train(rank: int, world_size: int, run: Run, settings: Settings) -> dict:
     else:
         engine = GASLoC(model, optimizer, topology=run.topology, local_steps=run.local_steps,
                         outer_optimizer=run.outer_optimizer, outer_lr=run.outer_lr,
-                        outer_momentum=run.outer_momentum)
+                        outer_momentum=run.outer_momentum, payload=run.payload,
+                        payload_form=run.payload_form)
     numel = sum(p.numel() for p in model.parameters())
 
     def consensus_evaluate() -> float:
@@ -156,6 +186,11 @@ def _train(rank: int, world_size: int, run: Run, settings: Settings) -> dict:
             "final_loss": curve[-1][1], "consensus_distance": distance,
             "bytes_sent_per_worker": bytes_sent, "train_seconds": wall,
             "tokens": steps * world_size * settings.batch_size * settings.block_size}
+
+
+def _payload(run: dict) -> str:
+    payload, form = run.get("payload", "native"), run.get("payload_form", "auto")
+    return payload if form == "auto" else f"{payload} ({form})"
 
 
 def main() -> None:
@@ -199,11 +234,12 @@ def main() -> None:
              r["run"]["local_steps"], r["run"]["outer_optimizer"], r["run"]["outer_lr"],
              r["run"]["outer_momentum"] if r["run"]["outer_momentum"] is not None else "-",
              f"{r['final_loss']:.3f}", f"{r['consensus_distance']:.2e}",
-             f"{r['bytes_sent_per_worker'] / 1e6:.0f}", f"{r['train_seconds']:.0f}"]
+             f"{r['bytes_sent_per_worker'] / 1e6:.0f}", f"{r['train_seconds']:.0f}",
+             _payload(r["run"])]
             for r in results]
     summary = (f"Command: `{command()}`\nMachine: {machine()}\n\n" + table(
         ["method", "topology", "workers", "H", "outer", "outer lr", "momentum",
-         "final val loss", "consensus dist.", "MB sent / worker", "train s"], rows))
+         "final val loss", "consensus dist.", "MB sent / worker", "train s", "payload"], rows))
     (output / "summary.md").write_text(summary + "\n")
     print(summary)
 

@@ -29,13 +29,18 @@ from pathlib import Path
 from common import command, machine, table
 
 HERE = Path(__file__).resolve().parent
-METHODS = {
-    "DiLoCo": ("complete", "30"),
-    "GASLoC 1peer": ("1peer", "30"),
-    "GASLoC 1peer adaptive": ("1peer", "auto:30"),
-    "GASLoC 2peer": ("2peer", "30"),
-    "GASLoC 2peer adaptive": ("2peer", "auto:30"),
+METHODS = {  # name: (topology, local_steps, payload)
+    "DiLoCo": ("complete", "30", "native"),
+    "GASLoC 1peer": ("1peer", "30", "native"),
+    "GASLoC 1peer adaptive": ("1peer", "auto:30", "native"),
+    "GASLoC 2peer": ("2peer", "30", "native"),
+    "GASLoC 2peer adaptive": ("2peer", "auto:30", "native"),
+    **{f"{name} {payload}": (topology, "30", payload)
+       for name, topology in (("DiLoCo", "complete"), ("GASLoC 1peer", "1peer"))
+       for payload in ("bf16", "fp16", "int8")},
 }
+DEFAULT_METHODS = ["DiLoCo", "GASLoC 1peer", "GASLoC 1peer adaptive", "GASLoC 2peer",
+                   "GASLoC 2peer adaptive"]
 SUBNET = "10.231.0"
 
 
@@ -121,8 +126,9 @@ def worker(args: argparse.Namespace) -> None:
     model = new_model(TINY_LLAMA, torch.device("cpu"))
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.1)
     warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 20))
-    topology, local_steps = METHODS[args.method]
-    engine = GASLoC(model, optimizer, topology=topology, local_steps=local_steps, seed=1)
+    topology, local_steps, payload = METHODS[args.method]
+    engine = GASLoC(model, optimizer, topology=topology, local_steps=local_steps, seed=1,
+                    payload=payload)
     curve, steps, training, evaluated = [], 0, 0.0, 0
     start = time.perf_counter()
     while True:
@@ -182,15 +188,19 @@ def report(results: list[dict], output: Path) -> str:
     for share in sorted({r["share"] for r in results}):
         group = [r for r in results if r["share"] == share]
         target = max(min(loss for _, _, loss in r["curve"]) for r in group)  # reached by all
+        diloco = next((r["curve"][-1][2] for r in group if r["method"] == "DiLoCo"), None)
         for r in group:
             steps = [w["steps"] for w in r["workers"]]
             reach = time_to_reach(r["curve"], target)
+            to_diloco = None if diloco is None else time_to_reach(r["curve"], diloco)
             rows.append([f"{share:.0%}", r["method"], r["curve"][-1][1], ", ".join(map(str, steps)),
                          f"{r['curve'][-1][2]:.3f}", f"{target:.3f}",
-                         "-" if reach is None else f"{reach:.0f}"])
+                         "-" if reach is None else f"{reach:.0f}",
+                         "-" if to_diloco is None else f"{to_diloco:.0f}"])
     _plot(results, output / "slow_link.png")
     return table(["straggler link", "method", "rounds", "inner steps per worker",
-                  "final loss", "common loss", "seconds to reach it"], rows)
+                  "final loss", "common loss", "seconds to reach it",
+                  "seconds to DiLoCo's final loss"], rows)
 
 
 def _plot(results: list[dict], path: Path) -> None:
@@ -222,7 +232,7 @@ def main() -> None:
     parser.add_argument("--share", type=float, help=argparse.SUPPRESS)
     parser.add_argument("--data_cache", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(METHODS))
     parser.add_argument("--shares", type=float, nargs="+", default=[0.1, 0.2],
                         help="the straggler's bandwidth as a share of the others'")
     parser.add_argument("--workers", type=int, default=4)

@@ -15,6 +15,7 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from .codec import FORMS, PAYLOAD_HELP, PAYLOADS
 from .local_steps import (
     LOCAL_STEPS_HELP,
     LocalStepsSetting,
@@ -30,7 +31,7 @@ from .outer_optimizer import (
     resolve_outer_optimizer,
 )
 from .topology import NO_GOSSIP, TOPOLOGY_HELP, check_topology
-from .values import boolean, integer, positive_float
+from .values import boolean, choice, integer, positive_float
 
 ENV_PREFIX = "ACCELERATE_GASLOC_"
 
@@ -66,6 +67,13 @@ class GASLoCConfig:
         "compute the exact consensus distance every N rounds (one model All-Reduce); 0: never",
         int,
     )
+    payload: str | None = _setting("native", PAYLOAD_HELP, str)
+    payload_form: str | None = _setting(
+        "auto",
+        "what an encoded payload carries: auto (the pseudo-gradient a - x on the complete graph, "
+        "the proposal on sparse graphs; docs/algorithm.md), proposal, or pseudo_gradient",
+        str,
+    )
     peer_timeout: float | None = _setting(
         600.0,
         "seconds a worker waits for the peer of its round (its inner steps and the transfer) "
@@ -90,6 +98,8 @@ class GASLoCConfig:
         self.seed = integer("seed", self.seed)
         self.anchor_on_cpu = boolean("anchor_on_cpu", self.anchor_on_cpu)
         self.consensus_every = integer("consensus_every", self.consensus_every, minimum=0)
+        self.payload = choice("payload", self.payload, PAYLOADS)
+        self.payload_form = choice("payload_form", self.payload_form, FORMS)
         self.peer_timeout = positive_float("peer_timeout", self.peer_timeout)
         self.max_bad_rounds = integer("max_bad_rounds", self.max_bad_rounds, minimum=1)
         if self.gossip_weight is not None:

@@ -65,6 +65,7 @@ def _resize(engine: GASLoC, model: torch.nn.Module, optimizer: torch.optim.Optim
         engine.flat.load_live()
         engine.flat.set_anchor_from_work()
         engine.health.load_state_dict({"in_a_row": 0, "recoveries": 0})
+        engine.wire.reset()
     _average_outer_state(engine, own is not None)
     engine.round, engine.steps_in_round = manifest["round"], 0
     engine.local_steps_policy.plan(

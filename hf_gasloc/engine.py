@@ -21,6 +21,7 @@ from .agreement import check_ranks_agree, settings_to_agree_on
 from .comm import Comm
 from .config import GASLoCConfig
 from .consensus import Consensus
+from .codec_wire import make_wire
 from .exchange import GossipExchange
 from .flat import FlatModel
 from .health import Health, all_finite
@@ -75,9 +76,11 @@ class GASLoC:
         self.consensus.start_from_first_rank()
         self.outer_optimizer = build_outer_optimizer(
             config.outer_optimizer, config.outer_lr, config.outer_momentum, self.flat.anchors)
-        self.exchange = GossipExchange(self.flat.works, [g.dtype for g in self.flat.groups],
-                                       self.comm, self.flat.device)
-        self.pipeline = OuterStep(self.flat, self.exchange, self.outer_optimizer,
+        self.wire = make_wire(self.flat, self.comm, config.payload, config.payload_form,
+                              self.topology.synchronous)
+        self.exchange = GossipExchange(self.wire.messages, self.comm,
+                                       self.comm.staging_device(self.flat.device))
+        self.pipeline = OuterStep(self.flat, self.wire, self.exchange, self.outer_optimizer,
                                   self.local_steps_policy, self.lost, self.health,
                                   self._reset_inner_state, config.consensus_every)
         self.round = 0

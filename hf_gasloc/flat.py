@@ -14,7 +14,7 @@ from typing import Iterable
 import torch
 
 
-def _views(flat: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor]:
+def views_of(flat: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor]:
     views, offset = [], 0
     for p in params:
         views.append(flat[offset : offset + p.numel()].view_as(p))
@@ -31,8 +31,8 @@ class FlatGroup:
     work: torch.Tensor
 
     def __post_init__(self) -> None:
-        self.anchor_views = _views(self.anchor, self.params)
-        self.work_views = _views(self.work, self.params)
+        self.anchor_views = views_of(self.anchor, self.params)
+        self.work_views = views_of(self.work, self.params)
 
     @property
     def dtype(self) -> torch.dtype:

@@ -16,7 +16,9 @@ class RoundMetrics:
     ``bytes_sent`` counts what this worker sent: headers and messages (for the
     complete graph, the ``2 (n - 1) / n`` model sizes a ring All-Reduce sends).
     ``wait_seconds`` is the time spent waiting for the peers to reach the
-    exchange (their header's arrival), ``comm_seconds`` the transfer after that.
+    exchange (their header's arrival), ``comm_seconds`` the transfer after that,
+    ``encode_seconds`` the codec's own time (encoding and decoding; 0 for
+    ``native``).
     """
 
     round: int
@@ -27,6 +29,7 @@ class RoundMetrics:
     peer_distance: float | None = None
     consensus_distance: float | None = None
     wait_seconds: float | None = None
+    encode_seconds: float = 0.0
 
 
 @dataclass
@@ -65,4 +68,6 @@ def as_log(metrics: RoundMetrics | None, totals: Totals, prefix: str = "gasloc/"
             log["consensus_distance"] = metrics.consensus_distance
         if metrics.wait_seconds is not None:
             log["wait_seconds"] = metrics.wait_seconds
+        if metrics.encode_seconds:
+            log["encode_seconds"] = metrics.encode_seconds
     return {prefix + key: value for key, value in log.items()}

@@ -28,6 +28,7 @@ from .exchange import ExchangeStats, GossipExchange
 from .flat import FlatModel
 from .health import Health, squared_norm
 from .local_steps import LocalStepsPolicy
+from .wires import Wire
 from .metrics import RoundMetrics
 from .peers import LostPeers, header_tensor, read_header
 from .topology import RoundGraph
@@ -45,7 +46,6 @@ class Round:
     started: float = field(default_factory=time.perf_counter)
     healthy: bool = True
     norm: float = 0.0  # ||z||^2
-    messages: list[torch.Tensor] = field(default_factory=list)
     weights: dict[int, float] = field(default_factory=dict)  # healthy peers that answered
     count: float = 0.0  # complete graph: healthy workers
     stats: ExchangeStats = field(default_factory=ExchangeStats)
@@ -56,11 +56,12 @@ class Round:
 class OuterStep:
     """Runs the stages of one round in order and reports its metrics."""
 
-    def __init__(self, flat: FlatModel, exchange: GossipExchange,
+    def __init__(self, flat: FlatModel, wire: Wire, exchange: GossipExchange,
                  outer_optimizer: torch.optim.Optimizer, local_steps: LocalStepsPolicy,
                  lost: LostPeers, health: Health, reset_inner_state: Callable[[], None],
                  consensus_every: int):
         self.flat = flat
+        self.wire = wire
         self.gossip = exchange
         self.outer_optimizer = outer_optimizer
         self.local_steps_policy = local_steps
@@ -84,6 +85,7 @@ class OuterStep:
             peer_distance=round_.peer_distance,
             consensus_distance=round_.consensus_distance,
             wait_seconds=stats.wait_seconds,
+            encode_seconds=self.wire.encode_seconds,
         )
 
     def propose(self, round_: Round) -> None:
@@ -107,21 +109,23 @@ class OuterStep:
             round_.consensus_distance = consensus_distance(self.flat.works, self.gossip.comm)
 
     def encode(self, round_: Round) -> None:
-        round_.messages = self.gossip.encode(round_.healthy)
+        """The wire's messages (native dtype, or a codec with error feedback)."""
+        self.wire.encode(round_.healthy, round_.eta)
 
     def exchange(self, round_: Round) -> None:
         """Swap header and messages with the round's live peers (complete: All-Reduce)."""
         if round_.graph.all_reduce:
-            round_.count, round_.stats = self.gossip.all_reduce(
-                round_.healthy, round_.messages, round_.index)
+            round_.count, waited = self.gossip.health_count(round_.healthy, round_.index)
+            round_.stats = self.wire.exchange_all(round_.index)
+            round_.stats.wait_seconds = waited
             return
         peers = self.lost.alive(round_.graph.peers[self.gossip.comm.rank])
         if not peers:  # this worker sits the round out
             return
         header = header_tensor(round_.index, round_.healthy, self.lost,
                                self.local_steps_policy.table())
-        pending = self.gossip.post(list(peers), header, round_.messages)
-        arrived = self.gossip.wait(pending, header, round_.messages)
+        pending = self.gossip.post(list(peers), header)
+        arrived = self.gossip.wait(pending, header)
         for peer, reason in arrived.failed.items():
             self.lost.mark(peer, f"round {round_.index}", reason)
         for peer, received in arrived.headers.items():
@@ -141,15 +145,16 @@ class OuterStep:
     def combine(self, round_: Round) -> None:
         """``z_hat``; a worker with a non-finite ``z`` takes its healthy peers' average instead,
         or its own anchor when it has none."""
+        received = self.gossip.received
         if round_.graph.all_reduce:
             if round_.count:
-                self.gossip.average_of_all_(round_.messages, round_.count)
+                self.wire.average_all(round_.count, round_.eta)
             else:
                 self._roll_back()
         elif round_.healthy:
-            round_.peer_distance, _ = self.gossip.combine(round_.weights, round_.norm,
-                                                          round_.index)
-        elif not self.gossip.take_average(round_.weights):
+            round_.peer_distance, _ = self.wire.combine(received, round_.weights, round_.norm,
+                                                        round_.index)
+        elif not self.wire.take_average(received, round_.weights):
             self._roll_back()
 
     def _roll_back(self) -> None:

@@ -20,6 +20,7 @@ def engine_state(engine: "GASLoC") -> dict[str, Any]:
         "world_size": engine.world_size,
         "topology": engine.config.topology,
         "seed": engine.config.seed,
+        "payload": engine.config.payload,
         "local_steps_policy": engine.local_steps_policy.state_dict(),
         "round": engine.round,
         "steps_in_round": engine.steps_in_round,
@@ -28,6 +29,7 @@ def engine_state(engine: "GASLoC") -> dict[str, Any]:
         "totals": dataclasses.asdict(engine.totals),
         "health": engine.health.state_dict(),
         "lost_peers": engine.lost.state_dict(),
+        "wire": engine.wire.state_dict(),
     }
 
 
@@ -39,7 +41,8 @@ def restore_engine_state(engine: "GASLoC", state: dict[str, Any], resized: bool 
     world size may differ, and what depends on them (position in the round,
     ``H_i`` measurements, lost peers) starts afresh; the caller sets the round.
     """
-    expected = {"topology": engine.config.topology, "seed": engine.config.seed}
+    expected = {"topology": engine.config.topology, "seed": engine.config.seed,
+                "payload": engine.config.payload}
     if not resized:
         expected.update(rank=engine.rank, world_size=engine.world_size)
     for key, value in expected.items():
@@ -53,6 +56,7 @@ def restore_engine_state(engine: "GASLoC", state: dict[str, Any], resized: bool 
     engine.outer_optimizer.load_state_dict(state["outer_optimizer"])
     engine.totals = Totals(**state["totals"])
     engine.health.load_state_dict(state["health"])
+    engine.wire.load_state_dict(state["wire"])
     if not resized:
         engine.round = state["round"]
         engine.steps_in_round = state["steps_in_round"]

@@ -30,6 +30,14 @@ def integer(name: str, value: Any, minimum: int | None = None) -> int:
     return result
 
 
+def choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
+    text = str(value).strip().lower()
+    if text not in choices:
+        raise ValueError(f"unknown {name} {value!r} (--gasloc_{name}): choose one of "
+                         f"{', '.join(choices)}.")
+    return text
+
+
 def boolean(name: str, value: Any) -> bool:
     if isinstance(value, bool):
         return value

@@ -102,18 +102,28 @@ class Comm:
         Every rank must answer within ``peer_timeout``; an All-Reduce cannot go on
         without one of them, so a timeout is an error.
         """
-        arrival = Arrival(header_works=[
-            dist.all_reduce(t, group=self.gossip_group, async_op=True) for t in tensors])
+        self._wait_all([dist.all_reduce(t, group=self.gossip_group, async_op=True)
+                        for t in tensors], f"the All-Reduce of {what}")
+
+    def _wait_all(self, works: list, what: str) -> None:
+        """Wait for a collective of every rank, up to ``peer_timeout``; else ``PeerLostError``."""
+        arrival = Arrival(header_works=works)
         arrival.posted.set()
         arrival.wait_in_background(time.perf_counter(), self.blocking_waits)
         if not self._join(arrival, time.perf_counter() + self.peer_timeout):
             raise PeerLostError(
-                f"GASLoC rank {self.rank} ({self.hosts[self.rank]}): the All-Reduce of {what} "
+                f"GASLoC rank {self.rank} ({self.hosts[self.rank]}): {what} "
                 + (f"failed: {arrival.error}" if arrival.error else
                    f"did not complete within peer_timeout={self.peer_timeout:g} s")
                 + ". A worker is stalled or lost, and the complete graph (DiLoCo) needs every "
                 "worker: restart the job with the workers that are alive (docs/reliability.md)."
             )
+
+    def gossip_all_gather(self, outputs: list[torch.Tensor], tensor: torch.Tensor,
+                          what: str) -> None:
+        """Every rank's ``tensor`` into ``outputs`` (rank order), on the gossip group."""
+        self._wait_all([dist.all_gather(outputs, tensor, group=self.gossip_group, async_op=True)],
+                       f"the all-gather of {what}")
 
     @torch.no_grad()
     def all_reduce_sum_(self, tensors: list[torch.Tensor]) -> None:
