@@ -51,14 +51,19 @@ class Run:
     outer_momentum: float | None = None
     payload: str = "native"
     payload_form: str = "auto"
+    outer_delay: int = 0
+    fragments: int = 1
 
     @property
     def key(self) -> str:
         momentum = "" if self.outer_momentum is None else f"-m{self.outer_momentum}"
         payload = "" if self.payload == "native" else f"-{self.payload}"
         form = "" if self.payload_form == "auto" else f"-{self.payload_form}"
+        delay = "" if not self.outer_delay else f"-D{self.outer_delay}"
+        fragments = "" if self.fragments == 1 else f"-F{self.fragments}"
         return (f"{self.method}-{self.topology}-n{self.workers}-H{self.local_steps}-"
-                f"{self.outer_optimizer}-lr{self.outer_lr}{momentum}{payload}{form}")
+                f"{self.outer_optimizer}-lr{self.outer_lr}{momentum}{payload}{form}{delay}"
+                f"{fragments}")
 
 
 def main_grid(workers: int) -> list[Run]:
@@ -118,11 +123,19 @@ def codecs(workers: int) -> list[Run]:
     return runs
 
 
+def overlap(workers: int) -> list[Run]:
+    """Delayed and streamed rounds at H = 30 against the blocking ones."""
+    return [Run(method, topology, workers, 30, outer_delay=delay, fragments=fragments)
+            for method, topology in (("DiLoCo", "complete"), ("GASLoC", "2peer"))
+            for delay, fragments in ((0, 1), (1, 1), (5, 1), (15, 1), (0, 2), (0, 4))]
+
+
 GRIDS = {"main": main_grid, "h_sweep": h_sweep, "outer": outer_grid,
          "lr_momentum": lr_momentum_grid, "h1_gentle": h1_gentle, "long": long_runs,
-         "codecs": codecs}
+         "codecs": codecs, "overlap": overlap}
 # The sweeps run at the first worker count only; "main" runs at every count.
-SWEEPS_AT_FIRST_COUNT = ("h_sweep", "outer", "lr_momentum", "h1_gentle", "long", "codecs")
+SWEEPS_AT_FIRST_COUNT = ("h_sweep", "outer", "lr_momentum", "h1_gentle", "long", "codecs",
+                         "overlap")
 
 
 @dataclass(frozen=True)
@@ -156,7 +169,8 @@ def _train(rank: int, world_size: int, run: Run, settings: Settings) -> dict:
         engine = GASLoC(model, optimizer, topology=run.topology, local_steps=run.local_steps,
                         outer_optimizer=run.outer_optimizer, outer_lr=run.outer_lr,
                         outer_momentum=run.outer_momentum, payload=run.payload,
-                        payload_form=run.payload_form)
+                        payload_form=run.payload_form, outer_delay=run.outer_delay,
+                        fragments=run.fragments)
     numel = sum(p.numel() for p in model.parameters())
 
     def consensus_evaluate() -> float:
@@ -190,7 +204,12 @@ def _train(rank: int, world_size: int, run: Run, settings: Settings) -> dict:
 
 def _payload(run: dict) -> str:
     payload, form = run.get("payload", "native"), run.get("payload_form", "auto")
-    return payload if form == "auto" else f"{payload} ({form})"
+    text = payload if form == "auto" else f"{payload} ({form})"
+    if run.get("outer_delay"):
+        text += f", outer_delay {run['outer_delay']}"
+    if run.get("fragments", 1) > 1:
+        text += f", {run['fragments']} fragments"
+    return text
 
 
 def main() -> None:

@@ -2,11 +2,15 @@
 
     python benchmarks/outer_step.py                       # 1M, 10M, 100M params; 2 and 4 ranks
     python benchmarks/outer_step.py --sizes 1 --ranks 2   # a quick look
+    python benchmarks/outer_step.py --sizes 100 --ranks 2 --topologies 1peer --anchor_on_cpu
 
 Models are stacks of 1M-parameter fp32 matrices (the engine sees only numel and
 tensor count). Each figure is the median over ``--repeats`` rounds started
-together on all ranks (rank 0's clock). The overhead part alternates bare and
-attached blocks of inner steps on a 4-layer MLP so drift hits both equally.
+together on all ranks (rank 0's clock): the whole outer step as the training
+loop sees it, the exchange (waiting for the peers and the transfer, from the
+round's metrics), and the math (the rest: every memory pass over the model).
+The overhead part alternates bare and attached blocks of inner steps on a
+4-layer MLP so drift hits both equally.
 """
 
 from __future__ import annotations
@@ -22,17 +26,19 @@ from hf_gasloc import GASLoC
 MATRIX = 1000  # 1000 x 1000 = 1M parameters per tensor
 
 
-def _outer_step(rank, world_size, millions, topology, repeats):
+def _outer_step(rank, world_size, millions, topology, repeats, anchor_on_cpu):
     params = [torch.nn.Parameter(torch.randn(MATRIX, MATRIX)) for _ in range(millions)]
-    engine = GASLoC(params, None, topology=topology)
+    engine = GASLoC(params, None, topology=topology, anchor_on_cpu=anchor_on_cpu)
     engine.outer_step()  # warm-up: first contact, buffer allocation
-    comm = []
+    exchange = []
 
     def one_round() -> None:
-        comm.append(engine.outer_step().comm_seconds)
+        metrics = engine.outer_step()
+        exchange.append(metrics.comm_seconds + (metrics.wait_seconds or 0.0))
 
     times = timed(one_round, repeats)
-    return {"ms": median_ms(times), "comm_ms": median_ms(comm),
+    return {"ms": median_ms(times), "comm_ms": median_ms(exchange),
+            "math_ms": median_ms([t - e for t, e in zip(times, exchange)]),
             "bytes": engine.last_round.bytes_sent}
 
 
@@ -70,21 +76,27 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--overhead_steps", type=int, default=20)
     parser.add_argument("--overhead_blocks", type=int, default=15)
+    parser.add_argument("--anchor_on_cpu", action="store_true")
+    parser.add_argument("--skip_overhead", action="store_true")
     args = parser.parse_args()
 
     rows = []
     for world_size in args.ranks:
         for millions in args.sizes:
             for topology in args.topologies:
-                result = spawn(_outer_step, world_size, millions, topology, args.repeats)[0]
+                result = spawn(_outer_step, world_size, millions, topology, args.repeats,
+                               args.anchor_on_cpu)[0]
                 rows.append([f"{millions}M", world_size, topology, f"{result['ms']:.1f}",
-                             f"{result['comm_ms']:.1f}", f"{result['bytes'] / 1e6:.1f}"])
+                             f"{result['comm_ms']:.1f}", f"{result['math_ms']:.1f}",
+                             f"{result['bytes'] / 1e6:.1f}"])
                 print(rows[-1], flush=True)
-    overhead = spawn(_inner_overhead, 2, args.overhead_steps, args.overhead_blocks)
     print(f"\nCommand: `{command()}`\nMachine: {machine()}\n")
     print("One outer step (exchange + outer optimizer + copies), fp32, rank 0, median:\n")
-    print(table(["params", "ranks", "topology", "outer step ms", "exchange ms",
+    print(table(["params", "ranks", "topology", "outer step ms", "exchange ms", "math ms",
                  "MB sent per rank"], rows))
+    if args.skip_overhead:
+        return
+    overhead = spawn(_inner_overhead, 2, args.overhead_steps, args.overhead_blocks)
     print("\nInner-step time, hook attached vs. bare loop (4x1024x1024 MLP, AdamW, 2 ranks):\n")
     overhead_rows = []
     for rank, result in enumerate(overhead):

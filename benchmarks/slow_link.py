@@ -29,15 +29,19 @@ from pathlib import Path
 from common import command, machine, table
 
 HERE = Path(__file__).resolve().parent
-METHODS = {  # name: (topology, local_steps, payload)
-    "DiLoCo": ("complete", "30", "native"),
-    "GASLoC 1peer": ("1peer", "30", "native"),
-    "GASLoC 1peer adaptive": ("1peer", "auto:30", "native"),
-    "GASLoC 2peer": ("2peer", "30", "native"),
-    "GASLoC 2peer adaptive": ("2peer", "auto:30", "native"),
-    **{f"{name} {payload}": (topology, "30", payload)
+METHODS = {  # name: (topology, local_steps, payload, outer_delay, fragments)
+    "DiLoCo": ("complete", "30", "native", 0, 1),
+    "GASLoC 1peer": ("1peer", "30", "native", 0, 1),
+    "GASLoC 1peer adaptive": ("1peer", "auto:30", "native", 0, 1),
+    "GASLoC 2peer": ("2peer", "30", "native", 0, 1),
+    "GASLoC 2peer adaptive": ("2peer", "auto:30", "native", 0, 1),
+    **{f"{name} {payload}": (topology, "30", payload, 0, 1)
        for name, topology in (("DiLoCo", "complete"), ("GASLoC 1peer", "1peer"))
        for payload in ("bf16", "fp16", "int8")},
+    **{f"{name} overlapped": (topology, "30", "native", 15, 1)
+       for name, topology in (("DiLoCo", "complete"), ("GASLoC 1peer", "1peer"),
+                              ("GASLoC 2peer", "2peer"))},
+    "GASLoC 1peer streamed": ("1peer", "30", "native", 10, 3),
 }
 DEFAULT_METHODS = ["DiLoCo", "GASLoC 1peer", "GASLoC 1peer adaptive", "GASLoC 2peer",
                    "GASLoC 2peer adaptive"]
@@ -126,9 +130,10 @@ def worker(args: argparse.Namespace) -> None:
     model = new_model(TINY_LLAMA, torch.device("cpu"))
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.1)
     warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 20))
-    topology, local_steps, payload = METHODS[args.method]
+    topology, local_steps, payload, delay, fragments = METHODS[args.method]
     engine = GASLoC(model, optimizer, topology=topology, local_steps=local_steps, seed=1,
-                    payload=payload)
+                    payload=payload, outer_delay=delay, fragments=fragments)
+    held, exchanged, counted = 0.0, 0.0, 0
     curve, steps, training, evaluated = [], 0, 0.0, 0
     start = time.perf_counter()
     while True:
@@ -138,6 +143,10 @@ def worker(args: argparse.Namespace) -> None:
         optimizer.zero_grad()
         warmup.step()
         steps += 1
+        if engine.last_round is not None and engine.last_round.round >= counted:
+            counted = engine.last_round.round + 1  # a round landed: what it held, what it took
+            held += engine.last_round.blocked_seconds
+            exchanged += engine.last_round.comm_seconds + (engine.last_round.wait_seconds or 0)
         if engine.steps_in_round or engine.round % args.eval_rounds or engine.round == evaluated:
             continue
         training += time.perf_counter() - start
@@ -150,7 +159,9 @@ def worker(args: argparse.Namespace) -> None:
             break
         start = time.perf_counter()
     summary = {"rank": rank, "steps": steps, "rounds": engine.round,
-               "bytes_sent": engine.totals.bytes_sent, "comm_seconds": engine.totals.comm_seconds}
+               "bytes_sent": engine.totals.bytes_sent, "comm_seconds": engine.totals.comm_seconds,
+               "blocked_per_round": held / max(counted, 1),
+               "exchange_per_round": exchanged / max(counted, 1)}
     everyone = [None] * world_size
     dist.all_gather_object(everyone, summary)
     if rank == 0:
@@ -193,14 +204,18 @@ def report(results: list[dict], output: Path) -> str:
             steps = [w["steps"] for w in r["workers"]]
             reach = time_to_reach(r["curve"], target)
             to_diloco = None if diloco is None else time_to_reach(r["curve"], diloco)
+            held = [w.get("blocked_per_round") for w in r["workers"]]
+            moved = [w.get("exchange_per_round") for w in r["workers"]]
+            blocked = ("-" if None in held else
+                       f"{sum(held) / len(held):.2f} / {sum(moved) / len(moved):.2f}")
             rows.append([f"{share:.0%}", r["method"], r["curve"][-1][1], ", ".join(map(str, steps)),
                          f"{r['curve'][-1][2]:.3f}", f"{target:.3f}",
                          "-" if reach is None else f"{reach:.0f}",
-                         "-" if to_diloco is None else f"{to_diloco:.0f}"])
+                         "-" if to_diloco is None else f"{to_diloco:.0f}", blocked])
     _plot(results, output / "slow_link.png")
     return table(["straggler link", "method", "rounds", "inner steps per worker",
                   "final loss", "common loss", "seconds to reach it",
-                  "seconds to DiLoCo's final loss"], rows)
+                  "seconds to DiLoCo's final loss", "blocked / exchange s per round"], rows)
 
 
 def _plot(results: list[dict], path: Path) -> None:

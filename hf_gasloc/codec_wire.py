@@ -26,8 +26,8 @@ import time
 
 import torch
 
-from .comm import Comm
-from .exchange import ExchangeStats, size_of
+from .comm import Arrival, Comm
+from .exchange import size_of
 from .flat import FlatModel, views_of
 from .codec import make_codec
 from .wires import TINY, NativeWire, Received, _left_out
@@ -121,15 +121,15 @@ class CodecWire:
         return mixed
 
     # --------------------------------------------------------- complete graph
-    def exchange_all(self, round_index: int) -> ExchangeStats:
-        """All-gather every worker's payload: ``n - 1`` messages go out of each rank."""
-        start = self.comm.clock(self.device)
+    def post_all(self) -> Arrival:
+        """Start all-gathering every worker's payload."""
         n = self.comm.world_size
         self._gathered = [[torch.empty_like(wire) for _ in range(n)] for wire in self.messages]
-        for gathered, wire in zip(self._gathered, self.messages):
-            self.comm.gossip_all_gather(gathered, wire, f"round {round_index}")
-        return ExchangeStats(sum((n - 1) * size_of(wire) for wire in self.messages),
-                             self.comm.clock(self.device) - start)
+        return self.comm.post_all_gather(list(zip(self._gathered, self.messages)))
+
+    def all_bytes(self) -> int:
+        """An all-gather sends this rank's payload to each of the ``n - 1`` others."""
+        return sum((self.comm.world_size - 1) * size_of(wire) for wire in self.messages)
 
     def average_all(self, count: float, eta: float) -> None:
         """``z <- base + s sum_j D(q_j) / count``, summed in rank order on every worker."""

@@ -74,6 +74,18 @@ class GASLoCConfig:
         "the proposal on sparse graphs; docs/algorithm.md), proposal, or pseudo_gradient",
         str,
     )
+    outer_delay: int | None = _setting(
+        0,
+        "inner steps during which a round's exchange travels in the background before its outer "
+        "update lands (the progress made meanwhile is kept); 0: the blocking round",
+        int,
+    )
+    fragments: int | None = _setting(
+        1,
+        "split the model into this many fragments of whole layers, each exchanged at its own "
+        "step of the round (streaming: the largest message is about 1/fragments of the model)",
+        int,
+    )
     peer_timeout: float | None = _setting(
         600.0,
         "seconds a worker waits for the peer of its round (its inner steps and the transfer) "
@@ -100,6 +112,8 @@ class GASLoCConfig:
         self.consensus_every = integer("consensus_every", self.consensus_every, minimum=0)
         self.payload = choice("payload", self.payload, PAYLOADS)
         self.payload_form = choice("payload_form", self.payload_form, FORMS)
+        self.outer_delay = integer("outer_delay", self.outer_delay, minimum=0)
+        self.fragments = integer("fragments", self.fragments, minimum=1)
         self.peer_timeout = positive_float("peer_timeout", self.peer_timeout)
         self.max_bad_rounds = integer("max_bad_rounds", self.max_bad_rounds, minimum=1)
         if self.gossip_weight is not None:

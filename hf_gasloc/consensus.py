@@ -15,7 +15,7 @@ import torch
 
 from .comm import Comm
 from .errors import NonFiniteError, PeerLostError
-from .flat import FlatModel
+from .flat import FlatModel, views_of
 from .health import all_finite
 from .peers import LostPeers
 
@@ -23,8 +23,15 @@ from .peers import LostPeers
 class Consensus:
     """The average of all workers' live parameters, on every rank."""
 
-    def __init__(self, flat: FlatModel, comm: Comm, lost: LostPeers):
+    def __init__(self, flat: FlatModel, comm: Comm, lost: LostPeers, spare_buffers: bool):
         self.flat, self.comm, self.lost = flat, comm, lost
+        # The work buffers are free between rounds; with delayed rounds an exchange may be in
+        # flight in them, so the average gets buffers of its own.
+        self._buffers = [torch.empty_like(w) for w in flat.works] if spare_buffers else None
+
+    @property
+    def buffers(self) -> list[torch.Tensor]:
+        return self.flat.works if self._buffers is None else self._buffers
 
     @torch.no_grad()
     def start_from_first_rank(self) -> None:
@@ -46,25 +53,34 @@ class Consensus:
                 + " stopped answering. Save this worker's own model instead, or restart the "
                 "job with the workers that are alive (docs/reliability.md)."
             )
-        self.flat.load_live()
-        finite = all_finite(self.flat.works)
+        buffers = self.buffers
+        for g, buffer in zip(self.flat.groups, buffers):
+            torch._foreach_copy_(views_of(buffer, g.params), g.params)
+        finite = all_finite(buffers)
         if not finite:
-            for work in self.flat.works:
-                work.zero_()
+            for buffer in buffers:
+                buffer.zero_()
         count = torch.tensor([float(finite)], dtype=torch.float64)
         self.comm.all_reduce_sum_([count])
         if not count.item():
             raise NonFiniteError("GASLoC: every worker's parameters are non-finite; there is no "
                                  "consensus to evaluate or save.")
-        self.comm.all_reduce_sum_(self.flat.works)
-        for work in self.flat.works:
-            work.div_(count.item())
+        self.comm.all_reduce_sum_(buffers)
+        for buffer in buffers:
+            buffer.div_(count.item())
+
+    @torch.no_grad()
+    def _store(self, into_anchor: bool = False) -> None:
+        for g, buffer in zip(self.flat.groups, self.buffers):
+            torch._foreach_copy_(g.params, views_of(buffer, g.params))
+            if into_anchor:
+                g.anchor.copy_(buffer)
 
     def swap_in(self) -> list[list[torch.Tensor]]:
         """Put the average into the model; returns this rank's own parameters for ``restore``."""
         backup = self.flat.backup_live()
         self._average_live_into_work()
-        self.flat.store_work()
+        self._store()
         return backup
 
     def restore(self, backup: list[list[torch.Tensor]]) -> None:
@@ -84,16 +100,16 @@ class Consensus:
     def install(self) -> None:
         """Replace parameters and anchors on every rank by the average."""
         self._average_live_into_work()
-        self.flat.store_work()
-        self.flat.set_anchor_from_work()
+        self._store(into_anchor=True)
 
 
-def consensus_distance(proposals: list[torch.Tensor], comm: Comm) -> float:
-    """Exact ``mean_i ||z_i - z_bar||^2 / ||z_bar||^2`` (one model-sized All-Reduce)."""
+def consensus_spread(proposals: list[torch.Tensor], comm: Comm) -> tuple[float, float]:
+    """``(mean_i ||z_i - z_bar||^2, ||z_bar||^2)`` (one model-sized All-Reduce); their ratio is
+    the exact consensus distance."""
     means = [z.clone() for z in proposals]
     comm.all_reduce_mean_(means)
     spread = sum(float(torch.dist(z, m) ** 2) for z, m in zip(proposals, means))
     norm = sum(float(torch.dot(m, m)) for m in means)
     total = torch.tensor([spread], dtype=torch.float64)
     comm.all_reduce_mean_([total])
-    return float(total) / max(norm, torch.finfo(torch.float32).tiny)
+    return float(total), norm

@@ -64,7 +64,7 @@ def _resize(engine: GASLoC, model: torch.nn.Module, optimizer: torch.optim.Optim
     else:  # the consensus that Trainer loaded is this worker's parameters and anchor
         engine.flat.load_live()
         engine.flat.set_anchor_from_work()
-        engine.health.load_state_dict({"in_a_row": 0, "recoveries": 0})
+        engine.health.load_state_dict({"in_a_row": 0, "recoveries": 0, "last_bad": -2})
         engine.wire.reset()
     _average_outer_state(engine, own is not None)
     engine.round, engine.steps_in_round = manifest["round"], 0
@@ -78,7 +78,7 @@ def _resize(engine: GASLoC, model: torch.nn.Module, optimizer: torch.optim.Optim
 
 def _average_outer_state(engine: GASLoC, has_own: bool) -> None:
     """New workers take the mean of the saved workers' outer optimizer state tensors."""
-    tensors = [value for state in engine.outer_optimizer.state.values()
+    tensors = [value for optimizer in engine.outer_optimizers for state in optimizer.state.values()
                for value in state.values() if torch.is_tensor(value) and value.is_floating_point()]
     sums = [value.clone() if has_own else torch.zeros_like(value) for value in tensors]
     count = torch.tensor([float(has_own)], dtype=torch.float64)

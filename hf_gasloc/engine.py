@@ -1,10 +1,12 @@
 """``GASLoC``: the outer loop around any inner optimizer.
 
-It wires the pieces together and keeps the round counters; each piece owns one
-idea: ``topology`` (who talks to whom), ``local_steps`` (``H_i``), ``flat`` (the
-fp32 buffers), ``comm`` (every transfer), ``exchange`` (encode, exchange,
-combine), ``outer_optimizer``, ``pipeline`` (the stages of one round, listed in
-``docs/algorithm.md``), ``consensus`` (the average, for evaluation and saving).
+It wires the pieces together and keeps the counters; each piece owns one idea:
+``topology`` (who talks to whom), ``local_steps`` (``H_i``), ``fragments`` and
+``flat`` (the fp32 buffers), ``comm`` (every transfer), ``wires`` and
+``exchange`` (what travels and how it mixes), ``outer_optimizer``, ``pipeline``
+(the stages of one round, listed in ``docs/algorithm.md``), ``overlap`` (when
+each fragment starts and finishes), ``consensus`` (the average, for evaluation
+and saving), ``health`` and ``peers`` (faults).
 """
 
 from __future__ import annotations
@@ -18,21 +20,24 @@ import torch
 import torch.distributed as dist
 
 from .agreement import check_ranks_agree, settings_to_agree_on
+from .codec_wire import make_wire
 from .comm import Comm
 from .config import GASLoCConfig
 from .consensus import Consensus
-from .codec_wire import make_wire
 from .exchange import GossipExchange
 from .flat import FlatModel
-from .health import Health, all_finite
+from .fragments import split_fragments
+from .health import Health
 from .inner import InnerStepHook, reset_nonfinite_state
 from .local_steps import local_steps_policy
 from .metrics import RoundMetrics, Totals, as_log
 from .outer_optimizer import build_outer_optimizer
+from .overlap import RoundScheduler
 from .peers import LostPeers
 from .pipeline import OuterStep, Round
 from .state import engine_state, restore_engine_state
 from .topology import build_topology
+from .wires import Wire
 
 
 class GASLoC:
@@ -67,24 +72,30 @@ class GASLoC:
                                        config.gossip_weight)
         self.local_steps_policy = local_steps_policy(
             config.local_steps, self.rank, self.world_size, self.topology.synchronous)
-        self.flat = FlatModel(model, config.anchor_on_cpu)
+        fragments = [FlatModel(part, config.anchor_on_cpu)
+                     for part in split_fragments(model, config.fragments)]
+        self.flat = FlatModel.of_groups([g for f in fragments for g in f.groups])
         check_ranks_agree(settings_to_agree_on(config, self.topology, self.flat), self.comm)
         self.run_id = self.comm.run_id  # a resumed run takes its checkpoint's
         self.lost = LostPeers(self.rank, self.comm.hosts)
         self.health = Health(self.rank, config.max_bad_rounds)
-        self.consensus = Consensus(self.flat, self.comm, self.lost)
+        self.consensus = Consensus(self.flat, self.comm, self.lost, config.outer_delay > 0)
         self.consensus.start_from_first_rank()
-        self.outer_optimizer = build_outer_optimizer(
-            config.outer_optimizer, config.outer_lr, config.outer_momentum, self.flat.anchors)
-        self.wire = make_wire(self.flat, self.comm, config.payload, config.payload_form,
-                              self.topology.synchronous)
-        self.exchange = GossipExchange(self.wire.messages, self.comm,
-                                       self.comm.staging_device(self.flat.device))
-        self.pipeline = OuterStep(self.flat, self.wire, self.exchange, self.outer_optimizer,
-                                  self.local_steps_policy, self.lost, self.health,
-                                  self._reset_inner_state, config.consensus_every)
+        self.outer_optimizers = [build_outer_optimizer(config.outer_optimizer, config.outer_lr,
+                                                       config.outer_momentum, f.anchors)
+                                 for f in fragments]
+        self.wires = [make_wire(f, self.comm, config.payload, config.payload_form,
+                                self.topology.synchronous) for f in fragments]
+        device = self.comm.staging_device(self.flat.device)
+        self.scheduler = RoundScheduler([
+            OuterStep(f, wire, GossipExchange(wire.messages, self.comm, device), optimizer,
+                      self.local_steps_policy, self.lost, self.health, self._recover,
+                      config.consensus_every, delayed=config.outer_delay > 0)
+            for f, wire, optimizer in zip(fragments, self.wires, self.outer_optimizers)],
+            config.outer_delay)
         self.round = 0
         self.steps_in_round = 0
+        self.inner_step = 0  # inner steps taken over the run
         self.last_round: RoundMetrics | None = None
         self.totals = Totals()
         self._last_step_end: float | None = None
@@ -116,16 +127,29 @@ class GASLoC:
         if self._last_step_end is not None:
             self.local_steps_policy.observe_step(now - self._last_step_end)
         self.steps_in_round += 1
+        self.inner_step += 1
+        self._report(self.scheduler.finish_due(self.inner_step))
+        for fragment in self.scheduler.due(self.steps_in_round, self.round_length):
+            self._start(fragment)
         if self.steps_in_round >= self.round_length:
-            self.outer_step()
-            now = time.perf_counter()  # the next step's time excludes the outer step
-        self._last_step_end = now
+            self._end_round()
+        self._last_step_end = time.perf_counter()  # the next step's time excludes the outer step
 
     # ------------------------------------------------------------- the round
     @property
     def round_length(self) -> int:
         """``H_i`` of the round in progress."""
         return self.local_steps_policy.current
+
+    @property
+    def outer_optimizer(self) -> torch.optim.Optimizer:
+        """The (first fragment's) outer optimizer."""
+        return self.outer_optimizers[0]
+
+    @property
+    def wire(self) -> Wire:
+        """The (first fragment's) wire."""
+        return self.wires[0]
 
     @property
     def outer_lr(self) -> float:
@@ -137,20 +161,34 @@ class GASLoC:
         return self.comm.group
 
     def outer_step(self) -> RoundMetrics:
-        """Run one GASLoC round now (normally called by the inner-optimizer hook)."""
-        graph = self.topology.graph(self.round)
-        inner_step = self.totals.inner_steps + self.steps_in_round
-        metrics = self.pipeline.run(Round(self.round, graph, self.outer_lr, self.steps_in_round,
-                                          inner_step))
-        self.totals.add(metrics)
-        self.last_round = metrics
-        if metrics.wait_seconds is not None:  # a worker sitting the round out measured nothing
-            self.local_steps_policy.observe_transfer(self.round, metrics.comm_seconds)
+        """End the round now: start the fragments not started yet and finish every exchange
+        in flight (normally the inner-optimizer hook runs each part at its step)."""
+        for fragment in range(self.scheduler.started, len(self.outer_optimizers)):
+            self._start(fragment)
+        self._report(self.scheduler.finish_all())
+        self._end_round()
+        return self.last_round
+
+    def _start(self, fragment: int) -> None:
+        eta = float(self.outer_optimizers[fragment].param_groups[0]["lr"])
+        round_ = Round(self.round, self.topology.graph(self.round), eta, self.steps_in_round,
+                       self.inner_step)
+        self.scheduler.start(fragment, round_, self.inner_step)
+        self._report(self.scheduler.finish_due(self.inner_step))
+
+    def _report(self, finished: list[RoundMetrics]) -> None:
+        for metrics in finished:
+            self.totals.add(metrics)
+            self.last_round = metrics
+            if metrics.wait_seconds is not None:  # a worker sitting out measured nothing
+                self.local_steps_policy.observe_transfer(metrics.round, metrics.comm_seconds)
+
+    def _end_round(self) -> None:
         self.round += 1
         self.steps_in_round = 0
+        self.scheduler.started = 0
         next_peers = self.lost.alive(self.topology.graph(self.round).peers[self.rank])
         self.local_steps_policy.plan(list(next_peers))
-        return metrics
 
     @property
     def lost_peers(self) -> list[int]:
@@ -167,23 +205,30 @@ class GASLoC:
             self.lost.mark(rank, when, self.comm.silence)
         return self.lost_peers
 
-    def _reset_inner_state(self) -> None:
+    @torch.no_grad()
+    def _recover(self) -> None:
+        """Roll non-finite live parameters back (to the start of their exchange in flight, else
+        to their anchor) and reset the inner optimizer's non-finite state: a NaN in one
+        fragment would otherwise come back through the next forward pass."""
+        in_flight = {flight.fragment for flight in self.scheduler.in_flight}
+        for f, pipeline in enumerate(self.scheduler.pipelines):
+            groups = pipeline.flat.groups
+            if all(bool(torch.isfinite(p).all()) for g in groups for p in g.params):
+                continue
+            if f in in_flight and pipeline.snapshots is not None:
+                for g, views in zip(groups, pipeline.snapshot_views):
+                    torch._foreach_copy_(g.params, views)
+            else:
+                pipeline.flat.store_anchor()
         if self._hook.optimizer is not None:
             reset_nonfinite_state(self._hook.optimizer)
 
-    @torch.no_grad()
     def recover_if_nonfinite(self) -> bool:
-        """Roll a worker with non-finite parameters back to its anchor (before saving its state).
-
-        Returns whether it had to; its inner optimizer's non-finite state is reset too.
-        """
-        self.flat.load_live()
-        if all_finite(self.flat.works):
+        """Recover a worker with non-finite parameters before its state is saved."""
+        if all(bool(torch.isfinite(p).all()) for g in self.flat.groups for p in g.params):
             return False
-        self.health.unhealthy_round(self.round, self.totals.inner_steps + self.steps_in_round,
-                                    "it rolls back to its last anchor")
-        self._reset_inner_state()
-        self.flat.store_anchor()
+        self.health.unhealthy_round(self.round, self.inner_step, "it rolls back")
+        self._recover()
         return True
 
     def metrics(self, prefix: str = "gasloc/") -> dict[str, float]:
@@ -201,14 +246,19 @@ class GASLoC:
     def install_consensus(self) -> None:
         """Replace parameters and anchors on every rank by their average (collective).
 
-        The round in progress is dropped; outer optimizer state is kept.
+        Exchanges in flight land first; the round in progress is dropped; outer
+        optimizer state is kept.
         """
+        self._report(self.scheduler.finish_all())
         self.consensus.install()
         self.steps_in_round = 0
+        self.scheduler.started = 0
 
     # ------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        """This rank's GASLoC state (each rank saves its own)."""
+        """This rank's GASLoC state (each rank saves its own); exchanges in flight are waited
+        for and mixed first, and saved as such, so that a resumed run lands them on time."""
+        self.scheduler.settle_all()
         return engine_state(self)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

@@ -10,11 +10,12 @@ message may still land in them.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
 
-from .comm import Comm, PendingSwap
+from .comm import Arrival, Comm, PendingSwap
 
 
 @dataclass
@@ -72,12 +73,19 @@ class GossipExchange:
         """The messages ``peer`` sent this round (one per dtype group)."""
         return self._received[self._slots[peer]][1:]
 
-    def health_count(self, healthy: bool, round_index: int) -> tuple[float, float]:
-        """Complete graph: how many workers are healthy (an All-Reduce); and the seconds it took."""
-        start = self.comm.clock(self.device)
+    def post_all(self, healthy: bool, wire) -> tuple[torch.Tensor, Arrival, Arrival]:
+        """Complete graph: start counting the healthy workers and the wire's collective."""
         count = torch.tensor([float(healthy)], dtype=torch.float64, device=self.device)
-        self.comm.gossip_all_reduce_sum_([count], f"round {round_index}'s health count")
-        return float(count), self.comm.clock(self.device) - start
+        return count, self.comm.post_all_reduce([count]), wire.post_all()
+
+    def wait_all(self, posted: tuple[torch.Tensor, Arrival, Arrival], wire,
+                 round_index: int) -> tuple[float, ExchangeStats]:
+        count, counting, collective = posted
+        self.comm.wait_collective(counting, f"round {round_index}'s health count")
+        ready = time.perf_counter() - counting.started
+        self.comm.wait_collective(collective, f"the exchange of round {round_index}")
+        done = time.perf_counter() - collective.started
+        return float(count), ExchangeStats(wire.all_bytes(), max(0.0, done - ready), ready)
 
     def _receive_buffers(self, slot: int, header: torch.Tensor) -> list[torch.Tensor]:
         buffers = self._received.get(slot)

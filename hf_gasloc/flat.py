@@ -53,6 +53,13 @@ class FlatModel:
             anchor = torch.empty(numel, dtype=torch.float32, device=where)
             self.groups.append(FlatGroup(members, anchor, torch.empty_like(anchor)))
 
+    @classmethod
+    def of_groups(cls, groups: list[FlatGroup]) -> "FlatModel":
+        """The union of several fragments' groups, as one model."""
+        flat = cls.__new__(cls)
+        flat.groups = groups
+        return flat
+
     @property
     def anchors(self) -> list[torch.Tensor]:
         return [g.anchor for g in self.groups]

@@ -33,20 +33,21 @@ def all_finite(buffers: list[torch.Tensor]) -> bool:
 
 
 class Health:
-    """Counts this worker's unhealthy rounds: in a row (to give up) and in all (a metric)."""
+    """Counts this worker's recoveries (a metric) and its unhealthy rounds in a row (to give
+    up); a round with several fragments is unhealthy once, however many of them were."""
 
     def __init__(self, rank: int, max_bad_rounds: int):
         self.rank, self.max_bad_rounds = rank, max_bad_rounds
         self.in_a_row = 0
         self.recoveries = 0
-
-    def healthy_round(self) -> None:
-        self.in_a_row = 0
+        self.last_bad = -2  # the last unhealthy round
 
     def unhealthy_round(self, round_index: int, inner_step: int, where: str) -> None:
         """Log and count one recovery; raise once ``max_bad_rounds`` came in a row."""
-        self.in_a_row += 1
         self.recoveries += 1
+        if round_index != self.last_bad:
+            self.in_a_row = self.in_a_row + 1 if round_index == self.last_bad + 1 else 1
+            self.last_bad = round_index
         if self.in_a_row >= self.max_bad_rounds:
             raise NonFiniteError(
                 f"GASLoC rank {self.rank}: its parameters were non-finite in {self.in_a_row} "
@@ -55,12 +56,15 @@ class Health:
                 "gradient clipping, or check this worker's data; max_bad_rounds sets how many "
                 "rounds in a row are recovered before this error."
             )
-        logger.warning("GASLoC rank %d: non-finite parameters at round %d, inner step %d; %s, and "
-                       "its inner optimizer's non-finite state was reset (%d recoveries so far).",
+        logger.warning("GASLoC rank %d: non-finite parameters at round %d, inner step %d; %s, its "
+                       "non-finite parameters roll back and its inner optimizer's non-finite "
+                       "state is reset (%d recoveries so far).",
                        self.rank, round_index, inner_step, where, self.recoveries)
 
     def state_dict(self) -> dict:
-        return {"in_a_row": self.in_a_row, "recoveries": self.recoveries}
+        return {"in_a_row": self.in_a_row, "recoveries": self.recoveries,
+                "last_bad": self.last_bad}
 
     def load_state_dict(self, state: dict) -> None:
         self.in_a_row, self.recoveries = state["in_a_row"], state["recoveries"]
+        self.last_bad = state["last_bad"]

@@ -18,7 +18,9 @@ class RoundMetrics:
     ``wait_seconds`` is the time spent waiting for the peers to reach the
     exchange (their header's arrival), ``comm_seconds`` the transfer after that,
     ``encode_seconds`` the codec's own time (encoding and decoding; 0 for
-    ``native``).
+    ``native``), ``blocked_seconds`` how long the training loop was held by the
+    round's outer steps (their math and any wait), ``outer_step_seconds`` their
+    math alone.
     """
 
     round: int
@@ -30,6 +32,7 @@ class RoundMetrics:
     consensus_distance: float | None = None
     wait_seconds: float | None = None
     encode_seconds: float = 0.0
+    blocked_seconds: float = 0.0
 
 
 @dataclass
@@ -70,4 +73,5 @@ def as_log(metrics: RoundMetrics | None, totals: Totals, prefix: str = "gasloc/"
             log["wait_seconds"] = metrics.wait_seconds
         if metrics.encode_seconds:
             log["encode_seconds"] = metrics.encode_seconds
+        log["blocked_seconds"] = metrics.blocked_seconds
     return {prefix + key: value for key, value in log.items()}

@@ -80,8 +80,10 @@ def build_outer_optimizer(
 ) -> torch.optim.Optimizer:
     """The optimizer that steps ``anchors`` with the outer gradient in their ``.grad``."""
     if isinstance(spec, str):
+        # foreach: Nesterov adds the momentum into the gradient in place; the default on CPU
+        # makes a model-sized temporary every round (same values, measured: docs/benchmarks.md).
         return torch.optim.SGD(
-            anchors, lr=lr, momentum=momentum or 0.0, nesterov=spec == "nesterov"
+            anchors, lr=lr, momentum=momentum or 0.0, nesterov=spec == "nesterov", foreach=True
         )
     if isinstance(spec, torch.optim.Optimizer):
         settings = [{k: v for k, v in g.items() if k != "params"} for g in spec.param_groups]

@@ -1,17 +1,19 @@
 """The outer step as a pipeline of named stages, one job each.
 
-One round on worker ``i`` (``docs/algorithm.md``)::
+One round of one fragment on worker ``i`` (``docs/algorithm.md``)::
 
-    propose       z = a - eta (a - x)                    flat buffers, fp32
-    check         is z finite? (health); consensus distance when asked
-    encode        z -> messages in the wire format (zeros if z is not finite)
-    exchange      header + messages with the round's live peers (complete: All-Reduce)
-    combine       decode, z_hat = z + sum_j W[i, j] (z_j - z) over healthy messages
-    outer_update  G = (a - z_hat) / eta, outer optimizer step on a
-    install       x <- a
+    start   propose       z = a - eta (a - x)                  flat buffers, fp32
+            check         is z finite? (health); consensus distance when asked
+            encode        z -> messages in the wire format (zeros if z is not finite)
+            post          header + messages to the round's live peers (complete: collectives)
+    finish  wait          for the peers, up to peer_timeout (pings past it)
+            combine       z_hat = z + sum_j W[i, j] (z_j - z) over healthy messages
+            outer_update  G = (a - z_hat) / eta, outer optimizer step on a
+            install       x <- a, plus the progress made since the start when delayed
 
-A new capability is a new stage or a new object behind one stage; the others
-do not change.
+``finish`` runs right after ``start`` (``outer_delay = 0``) or ``outer_delay``
+inner steps later, the exchange travelling meanwhile. A new capability is a new
+stage or a new object behind one stage; the others do not change.
 """
 
 from __future__ import annotations
@@ -19,47 +21,51 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
-from .consensus import consensus_distance
+from .consensus import consensus_spread
 from .exchange import ExchangeStats, GossipExchange
-from .flat import FlatModel
+from .flat import FlatModel, views_of
 from .health import Health, squared_norm
 from .local_steps import LocalStepsPolicy
-from .wires import Wire
-from .metrics import RoundMetrics
 from .peers import LostPeers, header_tensor, read_header
 from .topology import RoundGraph
+from .wires import Wire
 
 
 @dataclass
 class Round:
-    """What one round's stages hand each other."""
+    """What one round's stages hand each other (for one fragment)."""
 
     index: int
     graph: RoundGraph
     eta: float
     inner_steps: int
     inner_step: int = 0  # this worker's inner steps so far, for messages
-    started: float = field(default_factory=time.perf_counter)
     healthy: bool = True
     norm: float = 0.0  # ||z||^2
+    posted: Any = None  # what the exchange is waiting for
+    header: torch.Tensor | None = None
+    peers: dict[int, float] = field(default_factory=dict)  # the live peers of the round
     weights: dict[int, float] = field(default_factory=dict)  # healthy peers that answered
     count: float = 0.0  # complete graph: healthy workers
+    settled: bool = False  # waited for and combined
     stats: ExchangeStats = field(default_factory=ExchangeStats)
     peer_distance: float | None = None
-    consensus_distance: float | None = None
+    spread: tuple[float, float] | None = None  # consensus: (sum ||z_i - z_bar||^2 / n, ||z_bar||^2)
+    math_seconds: float = 0.0
+    encode_seconds: float = 0.0
 
 
 class OuterStep:
-    """Runs the stages of one round in order and reports its metrics."""
+    """Runs the stages of one fragment's rounds."""
 
     def __init__(self, flat: FlatModel, wire: Wire, exchange: GossipExchange,
                  outer_optimizer: torch.optim.Optimizer, local_steps: LocalStepsPolicy,
-                 lost: LostPeers, health: Health, reset_inner_state: Callable[[], None],
-                 consensus_every: int):
+                 lost: LostPeers, health: Health, recover: Callable[[], None],
+                 consensus_every: int, delayed: bool):
         self.flat = flat
         self.wire = wire
         self.gossip = exchange
@@ -67,65 +73,90 @@ class OuterStep:
         self.local_steps_policy = local_steps
         self.lost = lost
         self.health = health
-        self.reset_inner_state = reset_inner_state
+        self.recover = recover
         self.consensus_every = consensus_every
+        # Delayed: x at the start, to keep the progress made while the exchange travels.
+        self.snapshots = [torch.empty_like(w) for w in flat.works] if delayed else None
+        self.snapshot_views = (None if self.snapshots is None else
+                               [views_of(s, g.params) for s, g in zip(self.snapshots, flat.groups)])
 
+    # ---------------------------------------------------------------- start
     @torch.no_grad()
-    def run(self, round_: Round) -> RoundMetrics:
-        for stage in (self.propose, self.check, self.encode, self.exchange, self.combine,
-                      self.outer_update, self.install):
-            stage(round_)
-        stats = round_.stats
-        return RoundMetrics(
-            round=round_.index,
-            inner_steps=round_.inner_steps,
-            bytes_sent=stats.bytes_sent,
-            comm_seconds=stats.seconds,
-            outer_step_seconds=time.perf_counter() - round_.started,
-            peer_distance=round_.peer_distance,
-            consensus_distance=round_.consensus_distance,
-            wait_seconds=stats.wait_seconds,
-            encode_seconds=self.wire.encode_seconds,
-        )
+    def start(self, round_: Round) -> None:
+        began = time.perf_counter()
+        self.propose(round_)
+        self.check(round_)
+        self.encode(round_)
+        self.post(round_)
+        round_.math_seconds += time.perf_counter() - began
 
     def propose(self, round_: Round) -> None:
-        """``z = a - eta (a - x)``: exactly ``x`` when ``eta = 1``."""
-        self.flat.load_live()
-        for g in self.flat.groups:
-            torch.lerp(g.anchor, g.work, round_.eta, out=g.work)
+        """``z = a - eta (a - x)``: exactly ``x`` when ``eta = 1``. fp32 parameters beside
+        their buffers are read once, straight into the ``lerp``."""
+        for b, g in enumerate(self.flat.groups):
+            if self.snapshots is not None:
+                torch._foreach_copy_(self.snapshot_views[b], g.params)
+            if g.dtype == torch.float32 and g.params[0].device == g.work.device:
+                for anchor, param, work in zip(g.anchor_views, g.params, g.work_views):
+                    torch.lerp(anchor, param, round_.eta, out=work)
+            else:
+                torch._foreach_copy_(g.work_views, g.params)
+                torch.lerp(g.anchor, g.work, round_.eta, out=g.work)
 
     def check(self, round_: Round) -> None:
         """Health: is the proposal finite? (one ``dot`` per buffer, reused as the norm)."""
         round_.norm = squared_norm(self.flat.works)
         round_.healthy = math.isfinite(round_.norm)
-        if round_.healthy:
-            self.health.healthy_round()
-        else:
+        if not round_.healthy:
             self.health.unhealthy_round(round_.index, round_.inner_step,
                                         "it takes its healthy peers' proposals for this round")
-            self.reset_inner_state()
+            self.recover()
         every = self.consensus_every
         if every and round_.index % every == 0:
-            round_.consensus_distance = consensus_distance(self.flat.works, self.gossip.comm)
+            round_.spread = consensus_spread(self.flat.works, self.gossip.comm)
 
     def encode(self, round_: Round) -> None:
         """The wire's messages (native dtype, or a codec with error feedback)."""
         self.wire.encode(round_.healthy, round_.eta)
 
-    def exchange(self, round_: Round) -> None:
-        """Swap header and messages with the round's live peers (complete: All-Reduce)."""
+    def post(self, round_: Round) -> None:
+        """Start the exchange: header and messages to the live peers (complete: collectives)."""
         if round_.graph.all_reduce:
-            round_.count, waited = self.gossip.health_count(round_.healthy, round_.index)
-            round_.stats = self.wire.exchange_all(round_.index)
-            round_.stats.wait_seconds = waited
+            round_.posted = self.gossip.post_all(round_.healthy, self.wire)
             return
-        peers = self.lost.alive(round_.graph.peers[self.gossip.comm.rank])
-        if not peers:  # this worker sits the round out
+        round_.peers = self.lost.alive(round_.graph.peers[self.gossip.comm.rank])
+        if round_.peers:  # else this worker sits the round out
+            round_.header = header_tensor(round_.index, round_.healthy, self.lost,
+                                          self.local_steps_policy.table())
+            round_.posted = self.gossip.post(list(round_.peers), round_.header)
+
+    # ---------------------------------------------------------------- finish
+    @torch.no_grad()
+    def finish(self, round_: Round) -> None:
+        self.settle(round_)
+        began = time.perf_counter()
+        self.outer_update(round_)
+        self.install(round_)
+        round_.math_seconds += time.perf_counter() - began
+
+    def settle(self, round_: Round) -> None:
+        """Wait for the peers and mix what arrived (once; a checkpoint may settle early)."""
+        if not round_.settled:
+            self.wait(round_)
+            began = time.perf_counter()
+            self.combine(round_)
+            round_.math_seconds += time.perf_counter() - began
+            round_.encode_seconds = self.wire.encode_seconds
+            round_.settled = True
+
+    def wait(self, round_: Round) -> None:
+        if round_.graph.all_reduce:
+            round_.count, round_.stats = self.gossip.wait_all(round_.posted, self.wire,
+                                                              round_.index)
             return
-        header = header_tensor(round_.index, round_.healthy, self.lost,
-                               self.local_steps_policy.table())
-        pending = self.gossip.post(list(peers), header)
-        arrived = self.gossip.wait(pending, header)
+        if not round_.peers:
+            return
+        arrived = self.gossip.wait(round_.posted, round_.header)
         for peer, reason in arrived.failed.items():
             self.lost.mark(peer, f"round {round_.index}", reason)
         for peer, received in arrived.headers.items():
@@ -138,7 +169,7 @@ class OuterStep:
             if table.numel():
                 self.local_steps_policy.merge(table)
             if healthy:
-                round_.weights[peer] = peers[peer]
+                round_.weights[peer] = round_.peers[peer]
         round_.stats = arrived.stats
         self.lost.check_not_isolated()
 
@@ -169,4 +200,12 @@ class OuterStep:
         self.outer_optimizer.step()
 
     def install(self, round_: Round) -> None:
-        self.flat.store_anchor()
+        """``x <- a``; delayed: ``x <- a + (x - x_start)``, keeping the progress made meanwhile
+        (not after a non-finite start: that progress is not finite either)."""
+        if self.snapshots is None or not round_.healthy:
+            self.flat.store_anchor()
+            return
+        for g, snapshot, views in zip(self.flat.groups, self.snapshots, self.snapshot_views):
+            torch.sub(g.anchor, snapshot, out=snapshot)
+            for param, change in zip(g.params, views):
+                param.add_(change)

@@ -17,8 +17,8 @@ from typing import Callable, Protocol
 
 import torch
 
-from .comm import Comm
-from .exchange import ExchangeStats, size_of
+from .comm import Arrival, Comm
+from .exchange import size_of
 from .flat import FlatModel
 
 logger = logging.getLogger(__name__)
@@ -37,7 +37,8 @@ class Wire(Protocol):
     def combine(self, received: Received, weights: dict[int, float], norm: float,
                 round_index: int) -> tuple[float | None, list[int]]: ...
     def take_average(self, received: Received, weights: dict[int, float]) -> list[int]: ...
-    def exchange_all(self, round_index: int) -> "ExchangeStats": ...
+    def post_all(self) -> Arrival: ...
+    def all_bytes(self) -> int: ...
     def average_all(self, count: float, eta: float) -> None: ...
     def state_dict(self) -> dict: ...
     def load_state_dict(self, state: dict) -> None: ...
@@ -113,14 +114,14 @@ class NativeWire:
                 g.work.add_(views[peer][b], alpha=weights[peer] / total)
         return mixed
 
-    def exchange_all(self, round_index: int) -> ExchangeStats:
-        """Complete graph: sum every message over all ranks (a ring All-Reduce)."""
-        start = self.comm.clock(self.device)
-        self.comm.gossip_all_reduce_sum_(self.messages, f"round {round_index}")
-        # A ring All-Reduce sends 2 (n - 1) / n of the buffer from every rank.
+    def post_all(self) -> Arrival:
+        """Complete graph: start summing every message over all ranks (a ring All-Reduce)."""
+        return self.comm.post_all_reduce(self.messages)
+
+    def all_bytes(self) -> int:
+        """A ring All-Reduce sends 2 (n - 1) / n of the buffer from every rank."""
         n = self.comm.world_size
-        return ExchangeStats(sum(2 * (n - 1) * size_of(m) // n for m in self.messages),
-                             self.comm.clock(self.device) - start)
+        return sum(2 * (n - 1) * size_of(m) // n for m in self.messages)
 
     def average_all(self, count: float, eta: float) -> None:
         """Complete graph: ``z <- sum / count`` (the healthy workers' mean)."""

@@ -28,6 +28,8 @@ from ..errors import PeerLostError
 from .liveness import Liveness
 from .waiting import Arrival, PendingSwap, reason
 
+__all__ = ["Arrival", "Comm", "PendingSwap"]
+
 OUT_OF_REACH = timedelta(days=30)  # gloo's own timeout: our deadlines come first
 ROLL_CALL = 7  # the roll call's tag, apart from the gossip's (tag 0)
 PATIENCE = 4  # a late peer that answers pings is waited for up to 4 x peer_timeout
@@ -96,21 +98,28 @@ class Comm:
             dist.broadcast(staged, src=self._global_ranks[0], group=self.group)
             tensor.copy_(staged)
 
-    def gossip_all_reduce_sum_(self, tensors: list[torch.Tensor], what: str) -> None:
-        """Sum over ranks in place on the gossip group (tensors already on the staging device).
+    def post_all_reduce(self, tensors: list[torch.Tensor]) -> Arrival:
+        """Start summing ``tensors`` over every rank of the gossip group (staged already)."""
+        return self._post_collective([dist.all_reduce(t, group=self.gossip_group, async_op=True)
+                                      for t in tensors])
 
-        Every rank must answer within ``peer_timeout``; an All-Reduce cannot go on
-        without one of them, so a timeout is an error.
-        """
-        self._wait_all([dist.all_reduce(t, group=self.gossip_group, async_op=True)
-                        for t in tensors], f"the All-Reduce of {what}")
+    def post_all_gather(self, pairs: list[tuple[list[torch.Tensor], torch.Tensor]]) -> Arrival:
+        """Start gathering every rank's ``tensor`` into ``outputs`` (rank order), per pair."""
+        return self._post_collective(
+            [dist.all_gather(outputs, tensor, group=self.gossip_group, async_op=True)
+             for outputs, tensor in pairs])
 
-    def _wait_all(self, works: list, what: str) -> None:
-        """Wait for a collective of every rank, up to ``peer_timeout``; else ``PeerLostError``."""
+    def _post_collective(self, works: list) -> Arrival:
         arrival = Arrival(header_works=works)
         arrival.posted.set()
         arrival.wait_in_background(time.perf_counter(), self.blocking_waits)
-        if not self._join(arrival, time.perf_counter() + self.peer_timeout):
+        arrival.started = time.perf_counter()
+        return arrival
+
+    def wait_collective(self, arrival: Arrival, what: str) -> None:
+        """Wait for a collective of every rank, up to ``peer_timeout`` from its start; a
+        collective cannot go on without a rank, so a timeout is ``PeerLostError``."""
+        if not self._join(arrival, arrival.started + self.peer_timeout):
             raise PeerLostError(
                 f"GASLoC rank {self.rank} ({self.hosts[self.rank]}): {what} "
                 + (f"failed: {arrival.error}" if arrival.error else
@@ -118,12 +127,6 @@ class Comm:
                 + ". A worker is stalled or lost, and the complete graph (DiLoCo) needs every "
                 "worker: restart the job with the workers that are alive (docs/reliability.md)."
             )
-
-    def gossip_all_gather(self, outputs: list[torch.Tensor], tensor: torch.Tensor,
-                          what: str) -> None:
-        """Every rank's ``tensor`` into ``outputs`` (rank order), on the gossip group."""
-        self._wait_all([dist.all_gather(outputs, tensor, group=self.gossip_group, async_op=True)],
-                       f"the all-gather of {what}")
 
     @torch.no_grad()
     def all_reduce_sum_(self, tensors: list[torch.Tensor]) -> None:

@@ -27,6 +27,7 @@ class Arrival:
     done: float = 0.0  # every message, both ways
     error: str | None = None
     thread: threading.Thread | None = None
+    started: float = 0.0  # when it was posted (collectives)
 
     def wait_in_background(self, started: float, blocking: bool) -> None:
         """Wait for the header's works, then (once posted) the messages'; record when."""
