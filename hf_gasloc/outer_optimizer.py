@@ -1,10 +1,12 @@
 """The outer optimizer: its names, their defaults and checks, and building it on the anchors.
 
 ``sgd``, ``sgdm`` and ``nesterov`` are ``torch.optim.SGD`` without momentum, with
-heavy-ball momentum and with Nesterov momentum. A ``torch.optim`` class or
-factory (``params -> Optimizer``), or an instance whose class and
-hyper-parameters are reused, also works. Defaults follow DiLoCo (Douillard et
-al., 2023): Nesterov, momentum 0.9.
+heavy-ball momentum and with Nesterov momentum. ``iterate_momentum`` is the
+paper's accelerated form as transcribed publicly: momentum on the proposals
+rather than on the anchor (``IterateMomentum``; ``docs/algorithm.md`` relates it
+to ours and to DiLoCo). A ``torch.optim`` class or factory (``params ->
+Optimizer``), or an instance whose class and hyper-parameters are reused, also
+works. Defaults follow DiLoCo (Douillard et al., 2023): Nesterov, momentum 0.9.
 """
 
 from __future__ import annotations
@@ -15,13 +17,15 @@ import torch
 
 from .values import number
 
-OUTER_OPTIMIZERS = ("sgd", "sgdm", "nesterov")
+OUTER_OPTIMIZERS = ("sgd", "sgdm", "nesterov", "iterate_momentum")
 OUTER_OPTIMIZER_HELP = (
-    "outer optimizer: sgd, sgdm, nesterov, a torch.optim class/factory, or an instance "
-    "(its class and hyper-parameters are reused on the fp32 anchors)"
+    "outer optimizer: sgd, sgdm, nesterov, iterate_momentum (the paper's form: momentum on "
+    "the proposals), a torch.optim class/factory, or an instance (its class and "
+    "hyper-parameters are reused on the fp32 anchors)"
 )
-OUTER_MOMENTUM_HELP = "outer momentum mu (default 0.9 for sgdm/nesterov, 0 for sgd)"
-DEFAULT_MOMENTUM = 0.9
+OUTER_MOMENTUM_HELP = ("outer momentum mu (default 0.9 for sgdm/nesterov, 0.5 for "
+                       "iterate_momentum, 0 for sgd)")
+DEFAULT_MOMENTUM = {"sgd": 0.0, "sgdm": 0.9, "nesterov": 0.9, "iterate_momentum": 0.5}
 
 OuterOptimizer = Union[str, Callable[..., torch.optim.Optimizer], torch.optim.Optimizer]
 
@@ -48,7 +52,7 @@ def resolve_outer_optimizer(
             f"{', '.join(OUTER_OPTIMIZERS)}, or pass a torch.optim optimizer."
         )
     if momentum is None:
-        momentum = 0.0 if name == "sgd" else DEFAULT_MOMENTUM
+        momentum = DEFAULT_MOMENTUM[name]
     momentum = number("outer_momentum", momentum)
     if not 0.0 <= momentum < 1.0:
         raise ValueError(f"outer_momentum must be in [0, 1), got {momentum}.")
@@ -57,7 +61,7 @@ def resolve_outer_optimizer(
             f"outer_optimizer 'sgd' has no momentum but outer_momentum={momentum}: "
             "use outer_optimizer 'sgdm' or 'nesterov', or set outer_momentum 0."
         )
-    if name != "sgd" and momentum == 0.0:
+    if name in ("sgdm", "nesterov") and momentum == 0.0:
         raise ValueError(
             f"outer_optimizer {name!r} needs outer_momentum > 0: set a momentum "
             "(DiLoCo uses 0.9) or use outer_optimizer 'sgd'."
@@ -79,6 +83,8 @@ def build_outer_optimizer(
     spec: OuterOptimizer, lr: float, momentum: float | None, anchors: list[torch.Tensor]
 ) -> torch.optim.Optimizer:
     """The optimizer that steps ``anchors`` with the outer gradient in their ``.grad``."""
+    if spec == "iterate_momentum":
+        return IterateMomentum(anchors, lr=lr, momentum=momentum)
     if isinstance(spec, str):
         # foreach: Nesterov adds the momentum into the gradient in place; the default on CPU
         # makes a model-sized temporary every round (same values, measured: docs/benchmarks.md).
@@ -101,3 +107,45 @@ def build_outer_optimizer(
             "torch.optim.Optimizer."
         )
     return optimizer
+
+
+class IterateMomentum(torch.optim.Optimizer):
+    """``theta_{t+1} = W y_t + gamma (y_t - y_{t-1})``, ``y_t = theta_t + eta (x_t - theta_t)``.
+
+    ``y_t`` is the round's proposal ``z_t`` (given by ``observe_proposal``, or
+    ``None`` when it was not finite) and ``W y_t`` the mixed ``z_hat``, read back
+    from the outer gradient ``G = (a - z_hat) / eta`` in the anchor's ``.grad``.
+    With ``gamma = 0`` it is outer SGD at lr ``eta``, bit for bit; without local
+    progress (``x = theta``) it is heavy-ball momentum ``gamma`` on the anchor.
+    """
+
+    def __init__(self, params, lr: float, momentum: float):
+        super().__init__(params, {"lr": lr, "momentum": momentum})
+
+    @torch.no_grad()
+    def observe_proposal(self, proposals: list[torch.Tensor] | None) -> None:
+        params = [p for group in self.param_groups for p in group["params"]]
+        for p, z in zip(params, proposals or [None] * len(params), strict=True):
+            state = self.state[p]
+            if z is None:
+                state.pop("current", None)
+            elif "current" in state:
+                state["current"].copy_(z)
+            else:
+                state["current"] = z.clone()
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.add_(p.grad, alpha=-group["lr"])  # z_hat
+                state = self.state[p]
+                current, previous = state.get("current"), state.get("previous")
+                if group["momentum"] and current is not None and previous is not None:
+                    p.add_(current - previous, alpha=group["momentum"])
+                if current is None:
+                    state.pop("previous", None)
+                elif previous is None:
+                    state["previous"] = current.clone()
+                else:
+                    previous.copy_(current)

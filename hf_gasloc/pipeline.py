@@ -107,6 +107,9 @@ class OuterStep:
         """Health: is the proposal finite? (one ``dot`` per buffer, reused as the norm)."""
         round_.norm = squared_norm(self.flat.works)
         round_.healthy = math.isfinite(round_.norm)
+        observe = getattr(self.outer_optimizer, "observe_proposal", None)
+        if observe is not None:  # the paper's form keeps its momentum on the proposals
+            observe(self.flat.works if round_.healthy else None)
         if not round_.healthy:
             self.health.unhealthy_round(round_.index, round_.inner_step,
                                         "it takes its healthy peers' proposals for this round")
