@@ -30,7 +30,17 @@ def spawn(fn: Callable[..., Any], world_size: int, *args: Any, backend: str = "g
                                               bool(abandon)),
                                      nprocs=world_size, start_method="spawn", join=False)
         try:
-            results = dict(queue.get() for _ in range(world_size - len(abandon)))
+            results: dict[int, Any] = {}
+            while len(results) < world_size - len(abandon):
+                while not queue.empty():
+                    rank, value = queue.get()
+                    results[rank] = value
+                failed = [r for r, p in enumerate(context.processes)
+                          if p.exitcode not in (None, 0) and r not in abandon]
+                if failed and len(results) < world_size - len(abandon):
+                    raise RuntimeError(f"ranks {failed} of {fn.__name__} failed "
+                                       f"(exit codes {[context.processes[r].exitcode for r in failed]})")
+                time.sleep(0.05)
         finally:
             for rank in abandon:
                 context.processes[rank].kill()
