@@ -19,6 +19,7 @@ consensus model (``save_pretrained``) to ``--output_dir``.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import math
 import sys
@@ -44,6 +45,7 @@ from transformers import (
 from hf_gasloc import GASLoCArguments, GASLoCCallback
 from hf_gasloc.checkpoint import complete_checkpoints
 from hf_gasloc.data import data_files_builder, load_text_dataset, pack_into_blocks
+from hf_gasloc.launch import gpu_command, launched_alone, start_local_workers
 from hf_gasloc.recipes import load_recipe
 
 HERE = Path(__file__).resolve().parent
@@ -131,6 +133,11 @@ class ScriptArguments:
     recipe_smoke_test: bool = field(
         default=False, metadata={"help": "run the recipe on a shrunk model for a few CPU steps"}
     )
+    local_workers: int = field(
+        default=4,
+        metadata={"help": "started alone (python or accelerate launch without a config) on a "
+                          "machine without GPUs: run this many local workers (0: train alone)"},
+    )
     auto_resume: bool = field(
         default=True,
         metadata={"help": "resume from the newest complete checkpoint in --output_dir when "
@@ -177,6 +184,12 @@ def parse_arguments(argv: Optional[list[str]] = None) -> tuple:
             raise ValueError("--streaming needs --max_steps (a stream has no length).")
     except (ValueError, FileNotFoundError) as error:
         parser.error(str(error))
+    script_args.loaded_recipe = recipe
+    return model_args, data_args, training_args, plugin, embedded, script_args
+
+
+def prepare_run(training_args: TrainingArguments, plugin, script_args: ScriptArguments) -> None:
+    """On the workers that train: where to resume from, and how the recipe fits this run."""
     if script_args.auto_resume and training_args.resume_from_checkpoint is None:
         found = complete_checkpoints(training_args.output_dir, gasloc=plugin.enabled)
         if found:
@@ -185,17 +198,15 @@ def parse_arguments(argv: Optional[list[str]] = None) -> tuple:
                 logger.warning("resuming from %s, the newest complete checkpoint in %s "
                                "(--auto_resume false starts afresh)", found[-1],
                                training_args.output_dir)
-    if recipe and recipe.workers != training_args.world_size:
+    recipe = script_args.loaded_recipe
+    if recipe and recipe.workers != training_args.world_size and training_args.process_index == 0:
         logger.warning("recipe %s was planned for %d workers; this run has %d (max_steps=%d keeps "
                        "its token budget)", recipe.path, recipe.workers, training_args.world_size,
                        training_args.max_steps)
-    return model_args, data_args, training_args, plugin, embedded
 
 
 def _recipe_flags(argv: list[str]) -> tuple[Optional[str], bool]:
     """``--recipe`` and ``--recipe_smoke_test`` are needed before the full parse."""
-    import argparse
-
     early = argparse.ArgumentParser(add_help=False)
     early.add_argument("--recipe")
     early.add_argument("--recipe_smoke_test", nargs="?", const="true", default="false")
@@ -203,8 +214,34 @@ def _recipe_flags(argv: list[str]) -> tuple[Optional[str], bool]:
     return known.recipe, str(known.recipe_smoke_test).lower() in ("true", "1", "yes")
 
 
+def local_workers_to_start(plugin, script_args: ScriptArguments, argv: list[str]) -> int:
+    """How many local workers to start when this process runs alone (0: train here)."""
+    if not launched_alone() or not plugin.enabled:
+        return 0
+    command = gpu_command("examples/run_clm.py", argv)
+    if command is not None or torch.cuda.is_available():
+        logger.warning("run_clm.py runs as a single process on a machine with %d GPU(s): GASLoC "
+                       "needs at least 2 workers. %s", torch.cuda.device_count(),
+                       f"Use them all with: {command}" if command else
+                       "With one GPU, start workers on several machines (docs/recipes.md).")
+        return 0
+    if script_args.local_workers == 0:
+        logger.warning("run_clm.py: --local_workers 0: this single process trains alone, which is "
+                       "plain AdamW, not decentralized training.")
+    return max(0, script_args.local_workers)
+
+
 def main() -> None:
-    model_args, data_args, training_args, plugin, embedded = parse_arguments()
+    argv = sys.argv[1:]
+    model_args, data_args, training_args, plugin, embedded, script_args = parse_arguments(argv)
+    workers = local_workers_to_start(plugin, script_args, argv)
+    if workers:
+        print(f"run_clm.py: no launcher started several processes and this machine has no GPU: "
+              f"starting {workers} local GASLoC workers (torch elastic launcher, gloo); "
+              "--local_workers N changes that, 0 trains alone.", flush=True)
+        start_local_workers(workers, str(Path(__file__).resolve()), argv)
+        return
+    prepare_run(training_args, plugin, script_args)
     callbacks = [GASLoCCallback(plugin)] if plugin.enabled else []
     run(model_args, data_args, training_args, plugin, embedded, callbacks)
     if dist.is_initialized():
@@ -274,6 +311,12 @@ def run(model_args, data_args, training_args, plugin, embedded, callbacks) -> Tr
         if getattr(callback, "engine", None) is not None:
             summary.update(callback.engine.metrics())
     trainer.save_metrics("gasloc", summary)
+    card = {"tasks": "text-generation", "finetuned_from": model_args.model_name_or_path,
+            "dataset": data_args.dataset_name or data_args.train_file}
+    if training_args.push_to_hub:
+        trainer.push_to_hub(**card)
+    else:
+        trainer.create_model_card(**card)
     trainer.accelerator.wait_for_everyone()  # a barrier before the group goes away
     return trainer
 

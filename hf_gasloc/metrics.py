@@ -55,6 +55,7 @@ def as_log(metrics: RoundMetrics | None, totals: Totals, prefix: str = "gasloc/"
     """Flat, numeric values for ``Trainer.log`` / ``accelerator.log``."""
     log: dict[str, float] = {
         "rounds": totals.rounds,
+        "inner_steps_total": totals.inner_steps,
         "bytes_sent_total": totals.bytes_sent,
         "comm_seconds_total": totals.comm_seconds,
     }

@@ -41,6 +41,7 @@ from transformers.training_args import ParallelMode
 from .checkpoint import complete_checkpoints, save_rank_state, write_manifest
 from .elastic import resume
 from .errors import PeerLostError
+from .model_card import card_section, record_in_model_card
 from .config import GASLoCConfig
 from .ddp import disable_gradient_sync
 from .engine import GASLoC
@@ -83,6 +84,8 @@ class GASLoCCallback(TrainerCallback):
         disable_gradient_sync(wrapped)
         self._stop_step_collectives(trainer)
         self._run_before_reporters(trainer)
+        record_in_model_card(trainer, lambda: card_section(
+            self.engine.config.to_dict(), self.engine.world_size, self.engine.metrics()))
         self._model, self._optimizer = model, optimizer
         self.engine = GASLoC(model, optimizer, self.plugin)
         # Trainer's own collectives (logging gathers, evaluation, saving) get the same deadline.

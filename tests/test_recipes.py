@@ -62,7 +62,7 @@ def test_bad_recipe_keys_are_clear_errors(tmp_path):
 
 def test_flags_override_the_recipe_and_tokens_set_max_steps():
     recipe_path = str(ROOT / "recipes" / "llama-134m-gasloc-1peer.yaml")
-    _, data_args, training_args, plugin, _ = run_clm.parse_arguments(
+    _, data_args, training_args, plugin, _, _ = run_clm.parse_arguments(
         ["--recipe", recipe_path, "--gasloc_outer_lr", "0.5", "--learning_rate", "1e-3"])
     assert (plugin.topology, plugin.outer_lr, training_args.learning_rate) == ("1peer", 0.5, 1e-3)
     assert data_args.dataset_name == "HuggingFaceFW/fineweb-edu" and data_args.streaming
@@ -81,7 +81,7 @@ def _smoke(rank, world_size, output_dir):
             "--validation_file", str(PYDOCS / "validation.parquet")])
         plugin = args[3]
         callbacks = [run_clm.GASLoCCallback(plugin)] if plugin.enabled else []
-        trainer = run_clm.run(*args, callbacks)
+        trainer = run_clm.run(*args[:5], callbacks)
         results[path.stem] = (trainer.state.global_step, json.loads(
             (Path(out) / "all_results.json").read_text()) if rank == 0 else None)
     return results

@@ -85,7 +85,7 @@ def _reference(rank, world_size, output_dir, flags, kind):
     sys.path.insert(0, str(SCRIPT.parent))
     import run_clm
 
-    model_args, data_args, training_args, plugin, embedded = run_clm.parse_arguments(
+    model_args, data_args, training_args, plugin, embedded, _ = run_clm.parse_arguments(
         ["--output_dir", output_dir, *SMALL, *flags])
     if kind == "diloco":
         run_clm.run(model_args, data_args, training_args, plugin, embedded,
@@ -157,3 +157,36 @@ def test_bad_flags_fail_before_training(tmp_path, flags, message):
     assert done.returncode == 2
     assert message in done.stderr
     assert not output_dir.exists()
+
+
+def _alone(tmp_path, launcher, *flags):
+    """The command as users write it: no accelerate config, no launcher flags."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env["HF_HOME"] = str(tmp_path / "hf_home")  # no accelerate default config there
+    done = subprocess.run([*launcher, str(SCRIPT), "--output_dir", str(tmp_path / "out"), *SMALL,
+                           *flags], capture_output=True, text=True, timeout=900, cwd=ROOT, env=env)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return done, json.loads((tmp_path / "out" / "all_results.json").read_text())
+
+
+def test_accelerate_launch_without_a_config_starts_local_workers_and_records_them(tmp_path):
+    done, results = _alone(tmp_path, [sys.executable, "-m", "accelerate.commands.launch"],
+                           "--gasloc_topology", "2peer", "--gasloc_local_steps", "4")
+    first = (done.stdout + done.stderr).strip().splitlines()
+    assert any(line.startswith("run_clm.py: no launcher started several processes") and
+               "starting 4 local GASLoC workers" in line for line in first[:3]), first[:3]
+    assert results["world_size"] == 4 and results["gasloc/rounds"] >= 1
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "## Decentralized training (GASLoC)" in card and "| workers | 4 |" in card
+    assert "| topology | 2peer |" in card and f"| rounds | {results['gasloc/rounds']} |" in card
+    assert "gasloc" in card.split("---")[1]  # the card's tags
+
+
+def test_python_alone_starts_local_workers_and_zero_keeps_one_process(tmp_path):
+    _, results = _alone(tmp_path / "two", [sys.executable], "--gasloc_topology", "1peer",
+                        "--local_workers", "2")
+    assert results["world_size"] == 2
+    done, results = _alone(tmp_path / "one", [sys.executable], "--local_workers", "0")
+    assert results["world_size"] == 1 and "gasloc/rounds" not in results
+    assert "--local_workers 0: this single process trains alone" in done.stderr

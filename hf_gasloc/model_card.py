@@ -1,0 +1,47 @@
+"""The model card says how the model was trained: GASLoC's settings, workers, rounds, bytes.
+
+Trainer writes the card in ``create_model_card`` (also the card ``push_to_hub``
+uploads); the callback wraps that method so that every card it writes ends
+with the same facts as ``all_results.json``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+TAGS = ["gasloc", "decentralized-training"]
+
+
+def card_section(settings: dict[str, Any], world_size: int, metrics: dict[str, float]) -> str:
+    """A Markdown section: the run's GASLoC settings and what its rounds did."""
+    rows = [("workers", world_size), *settings.items(),
+            ("rounds", metrics.get("gasloc/rounds", 0)),
+            ("bytes sent per worker", f"{metrics.get('gasloc/bytes_sent_total', 0):,}"),
+            ("inner steps per worker", metrics.get("gasloc/inner_steps_total",
+                                                   metrics.get("gasloc/inner_steps", 0))),
+            ("non-finite recoveries", metrics.get("gasloc/recoveries", 0)),
+            ("lost peers", metrics.get("gasloc/lost_peers", 0))]
+    table = "\n".join(f"| {name} | {value} |" for name, value in rows)
+    return ("\n\n## Decentralized training (GASLoC)\n\n"
+            "This model was pretrained with GASLoC (Cagnasso, Belilovsky, Oyallon, arXiv "
+            "2606.11081) through `hf_gasloc`: each worker took local AdamW steps and, every round, "
+            "exchanged its model with one or two peers instead of joining an All-Reduce; the "
+            "weights here are the workers' average.\n\n| | |\n|---|---|\n" + table + "\n")
+
+
+def record_in_model_card(trainer, section: Callable[[], str]) -> None:
+    """Make ``trainer.create_model_card`` (and so ``push_to_hub``) tag the card and append
+    ``section()`` to it."""
+    original = trainer.create_model_card
+
+    def create_model_card(*args: Any, **kwargs: Any) -> None:
+        tags = kwargs.get("tags") or []
+        kwargs["tags"] = [tags] if isinstance(tags, str) else list(tags)
+        kwargs["tags"] += [t for t in TAGS if t not in kwargs["tags"]]
+        original(*args, **kwargs)
+        card = Path(trainer.args.output_dir) / "README.md"
+        if trainer.is_world_process_zero() and card.exists():
+            card.write_text(card.read_text() + section())
+
+    trainer.create_model_card = create_model_card
