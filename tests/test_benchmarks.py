@@ -35,3 +35,14 @@ def test_compare_runs_a_grid_and_resumes_without_redoing_runs(tmp_path):
                             "--workers", "2"], capture_output=True, text=True, cwd=ROOT)
     assert plots.returncode == 0, plots.stderr[-2000:]
     assert (tmp_path / "compare_curves.png").exists() and "### H = 1" in plots.stdout
+
+
+def test_the_gpu_check_starts_and_reports_on_the_cpu(tmp_path):
+    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--dry_run"],
+                          capture_output=True, text=True, timeout=900, cwd=tmp_path,
+                          env={**__import__("os").environ, "OUT": str(tmp_path)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = (tmp_path / "gpu_check.md").read_text()
+    assert "GPU check on CPU (dry run)" in report and "FAIL" not in report, report
+    assert report.count("| exactness, gloo") == 6 and "tokens/s per GPU" in report
+    assert "NCCL needs one GPU per rank" in report
