@@ -55,9 +55,14 @@ class Launched:
         return "\n".join(log.read_text(errors="replace") for log in self.logs if log.exists())
 
     def wait_for(self, condition: Callable[[], bool], timeout: float, what: str) -> float:
-        """Poll until ``condition()``; returns the seconds it took."""
+        """Poll until ``condition()``; returns the seconds it took. Fails at once when every
+        agent has exited and the condition still does not hold."""
         start = time.monotonic()
         while not condition():
+            ended = all(agent.poll() is not None for agent in self.agents)
+            if ended and not condition():
+                raise AssertionError(f"{what} did not happen: every launcher exited:\n"
+                                     + self.text()[-3000:])
             if time.monotonic() - start > timeout:
                 raise AssertionError(f"{what} did not happen within {timeout:g} s:\n"
                                      + self.text()[-3000:])

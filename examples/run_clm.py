@@ -1,8 +1,7 @@
 """Pretrain a causal LM with GASLoC: the Hugging Face ``run_clm.py`` plus one callback.
 
-    # 4 gloo ranks on a CPU-only machine, embedded data/tokenizer/tiny LLaMA:
-    accelerate launch --config_file examples/configs/cpu_4proc.yaml examples/run_clm.py \
-        --gasloc_topology 2peer
+    # embedded data/tokenizer/tiny LLaMA; alone on a CPU-only machine it starts 4 local workers:
+    accelerate launch examples/run_clm.py --gasloc_topology 2peer
 
     # your own data and model, on GPUs:
     accelerate launch examples/run_clm.py --config_name CONFIG --tokenizer_name TOKENIZER \
@@ -13,8 +12,9 @@ With no model or data flag it trains the tiny LLaMA config of
 ``examples/configs/tiny-llama`` on the Python-docs sample of ``examples/data``
 (attribution there), so it runs offline. ``--gasloc_topology none`` is plain
 DDP, ``complete`` is DiLoCo. Writes ``all_results.json`` (eval loss,
-perplexity, token accuracy, train and GASLoC metrics, world size) and the
-consensus model (``save_pretrained``) to ``--output_dir``.
+perplexity, token accuracy, train and GASLoC metrics, world size), the
+consensus model (``save_pretrained``) and its model card to ``--output_dir``;
+after a restart it resumes from the newest complete checkpoint there.
 """
 
 from __future__ import annotations

@@ -27,8 +27,8 @@ from .consensus import Consensus
 from .exchange import GossipExchange
 from .flat import FlatModel
 from .fragments import split_fragments
-from .health import Health
-from .inner import InnerStepHook, reset_nonfinite_state
+from .health import Health, all_params_finite, roll_back_nonfinite
+from .inner import InnerStepHook
 from .local_steps import local_steps_policy
 from .metrics import RoundMetrics, Totals, as_log
 from .outer_optimizer import build_outer_optimizer
@@ -205,27 +205,12 @@ class GASLoC:
             self.lost.mark(rank, when, self.comm.silence)
         return self.lost_peers
 
-    @torch.no_grad()
     def _recover(self) -> None:
-        """Roll non-finite live parameters back (to the start of their exchange in flight, else
-        to their anchor) and reset the inner optimizer's non-finite state: a NaN in one
-        fragment would otherwise come back through the next forward pass."""
-        in_flight = {flight.fragment for flight in self.scheduler.in_flight}
-        for f, pipeline in enumerate(self.scheduler.pipelines):
-            groups = pipeline.flat.groups
-            if all(bool(torch.isfinite(p).all()) for g in groups for p in g.params):
-                continue
-            if f in in_flight and pipeline.snapshots is not None:
-                for g, views in zip(groups, pipeline.snapshot_views):
-                    torch._foreach_copy_(g.params, views)
-            else:
-                pipeline.flat.store_anchor()
-        if self._hook.optimizer is not None:
-            reset_nonfinite_state(self._hook.optimizer)
+        roll_back_nonfinite(self.scheduler, self._hook.optimizer)
 
     def recover_if_nonfinite(self) -> bool:
         """Recover a worker with non-finite parameters before its state is saved."""
-        if all(bool(torch.isfinite(p).all()) for g in self.flat.groups for p in g.params):
+        if all_params_finite(self.flat):
             return False
         self.health.unhealthy_round(self.round, self.inner_step, "it rolls back")
         self._recover()

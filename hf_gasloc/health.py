@@ -18,6 +18,7 @@ import math
 import torch
 
 from .errors import NonFiniteError
+from .inner import reset_nonfinite_state
 
 logger = logging.getLogger(__name__)
 
@@ -68,3 +69,25 @@ class Health:
     def load_state_dict(self, state: dict) -> None:
         self.in_a_row, self.recoveries = state["in_a_row"], state["recoveries"]
         self.last_bad = state["last_bad"]
+
+
+def all_params_finite(flat) -> bool:
+    return all(bool(torch.isfinite(p).all()) for g in flat.groups for p in g.params)
+
+
+@torch.no_grad()
+def roll_back_nonfinite(scheduler, optimizer: torch.optim.Optimizer | None) -> None:
+    """Roll non-finite live parameters back (to the start of their exchange in flight, else to
+    their anchor) and reset the inner optimizer's non-finite state: a NaN in one fragment
+    would otherwise come back through the next forward pass."""
+    in_flight = {flight.fragment for flight in scheduler.in_flight}
+    for fragment, pipeline in enumerate(scheduler.pipelines):
+        if all_params_finite(pipeline.flat):
+            continue
+        if fragment in in_flight and pipeline.snapshots is not None:
+            for g, views in zip(pipeline.flat.groups, pipeline.snapshot_views):
+                torch._foreach_copy_(g.params, views)
+        else:
+            pipeline.flat.store_anchor()
+    if optimizer is not None:
+        reset_nonfinite_state(optimizer)

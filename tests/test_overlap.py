@@ -157,9 +157,12 @@ def _adaptive_and_faults(rank, world_size):
     inner = torch.optim.SGD(model.parameters(), lr=0.05)
     engine = GASLoC(model, inner, topology="1peer", local_steps="auto:4", outer_delay=1,
                     fragments=2, seed=3)
-    for step in range(1, 8 * H + 1):
+    step, blown_up = 0, False
+    while engine.round < 8:  # each rank's H_i is its own: count rounds, not steps
+        step += 1
         local_step(model, inner, rank, step)
-        if rank == 1 and step == 9:  # a blow-up while round 1 travels
+        if rank == 1 and engine.round == 1 and not blown_up:  # a blow-up while round 1 travels
+            blown_up = True
             with torch.no_grad():
                 for p in model.parameters():
                     p.fill_(float("nan"))
