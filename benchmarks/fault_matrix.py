@@ -112,24 +112,13 @@ def killed(args, output: Path) -> list:
              str(args.peer_timeout), "--max_steps", "48", "--save_strategy", "steps",
              "--save_steps", "8", "--logging_steps", "4", *TINY]
     folder = output / "killed"
-    port = str(29400 + os.getpid() % 500)
     with Launched() as run:
-        agents = []
-        for node in range(4):
-            agents.append(run.start(torchrun(
-                "--nnodes", "3:4", "--nproc_per_node", "1", "--rdzv_backend", "c10d",
-                "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", f"matrix-{port}",
-                "--max-restarts", "3",
-                "--rdzv_conf", f"is_host={node == 0},last_call_timeout=2,join_timeout=300",
-                str(ROOT / "examples/run_clm.py"), "--output_dir", str(folder), *flags),
-                output / f"killed-node{node}.log", {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}))
-            if node == 0:
-                time.sleep(2)
+        agents = run.start_elastic_nodes([str(ROOT / "examples/run_clm.py"), "--output_dir",
+                                          str(folder), *flags], output, "matrix")
         run.wait_for(lambda: (folder / "checkpoint-16/gasloc/manifest.json").exists(), 900,
                      "checkpoint-16")
         killed_at = time.monotonic()
-        for pid in [*run.workers(agents[3]).values(), agents[3].pid]:
-            os.kill(pid, signal.SIGKILL)
+        run.kill_node(agents[3])
         resumed = run.wait_for(lambda: "resuming 3 workers" in run.text(), 900, "the restart")
         run.wait(900)
     done = time.monotonic() - killed_at

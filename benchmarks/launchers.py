@@ -37,6 +37,30 @@ class Launched:
         self.logs.append(log)
         return agent
 
+    def start_elastic_nodes(self, script: list[str], logs: Path, name: str, nodes: int = 4,
+                            min_nodes: int = 3) -> list[subprocess.Popen]:
+        """``nodes`` torchrun agents of one worker each on one c10d rendezvous, as separate
+        machines would run them: the job goes on with ``min_nodes`` after losing one (up to 3
+        restarts). Node 0 hosts the rendezvous store; logs are ``logs/node<i>.log``."""
+        port = str(29400 + os.getpid() % 500)
+        env = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}  # see docs/reliability.md
+        agents = []
+        for node in range(nodes):
+            agents.append(self.start(torchrun(
+                "--nnodes", f"{min_nodes}:{nodes}", "--nproc_per_node", "1",
+                "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}",
+                "--rdzv_id", f"{name}-{port}", "--max-restarts", "3",
+                "--rdzv_conf", f"is_host={node == 0},last_call_timeout=2,join_timeout=300",
+                *script), logs / f"node{node}.log", env))
+            if node == 0:
+                time.sleep(2)  # the store must be up before the others join
+        return agents
+
+    def kill_node(self, agent: subprocess.Popen) -> None:
+        """A lost machine: its workers and its agent, at once."""
+        for pid in [*self.workers(agent).values(), agent.pid]:
+            os.kill(pid, signal.SIGKILL)
+
     def workers(self, agent: subprocess.Popen) -> dict[int, int]:
         """``{rank: pid}`` of the agent's live workers (read from their environment)."""
         found = {}

@@ -7,7 +7,8 @@ from hf_gasloc import GASLoC
 from hf_gasloc.codec import BlockInt8Codec, make_codec
 
 from .distributed import run_ranks
-from .workers import DiLoCoReference, TinyNet, flat, gather, local_step, mean
+from .workers import (DiLoCoReference, TinyNet, flat, gather, load_training, local_step, mean,
+                      train_rounds)
 
 
 @pytest.mark.parametrize("name,bytes_per_parameter,worst", [
@@ -135,24 +136,17 @@ def test_with_a_codec_the_mean_anchor_still_follows_diloco_exactly(payload):
 
 
 def _resume_with_residuals(rank, world_size, folder):
-    def run(rounds, start=None):
+    def run(rounds, resume=False):
         model = TinyNet()
         inner = torch.optim.AdamW(model.parameters(), lr=1e-2)
         engine = GASLoC(model, inner, topology="1peer", payload="int8", seed=21, local_steps=2)
-        if start is not None:
-            model.load_state_dict(start["model"])
-            inner.load_state_dict(start["inner"])
-            engine.load_state_dict(start["engine"])
-        saved = None
-        while engine.round < rounds:
-            local_step(model, inner, rank, 100 * engine.round + engine.steps_in_round)
-            if engine.round == 3 and engine.steps_in_round == 1 and saved is None:
-                saved = {"model": model.state_dict(), "inner": inner.state_dict(),
-                         "engine": engine.state_dict()}
-                torch.save(saved, f"{folder}/rank{rank}.pt")
+        checkpoint = f"{folder}/rank{rank}.pt"
+        if resume:
+            load_training(model, inner, engine, checkpoint)
+        train_rounds(model, inner, engine, rank, rounds, save_to=None if resume else checkpoint)
         return flat(model), engine.wire.residuals[0].abs().sum()
     uninterrupted, residual = run(6)
-    resumed, _ = run(6, torch.load(f"{folder}/rank{rank}.pt", weights_only=False))
+    resumed, _ = run(6, resume=True)
     return uninterrupted, resumed, float(residual)
 
 

@@ -1,9 +1,10 @@
 """Faults injected into real processes: a NaN worker, a frozen worker, a killed worker, bad files."""
 
+import json
 import logging
 import math
-import re
 import os
+import re
 import shutil
 import signal
 import sys
@@ -206,28 +207,14 @@ def test_a_killed_worker_is_replaced_by_an_elastic_restart_on_fewer_workers(tmp_
     flags = ["--gasloc_topology", "1peer", "--gasloc_local_steps", "4", "--gasloc_peer_timeout",
              "10", "--max_steps", "48", "--save_strategy", "steps", "--save_steps", "8",
              "--logging_steps", "4", *TINY]
-    env = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}  # see docs/reliability.md
-    port = str(29400 + os.getpid() % 500)
     with Launched() as run:
-        agents = []
-        for node in range(4):
-            agents.append(run.start(torchrun(
-                "--nnodes", "3:4", "--nproc_per_node", "1", "--rdzv_backend", "c10d",
-                "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", f"kill-{port}",
-                "--max-restarts", "3",
-                "--rdzv_conf", f"is_host={node == 0},last_call_timeout=2,join_timeout=300",
-                str(ROOT / "examples/run_clm.py"), "--output_dir", str(tmp_path), *flags),
-                tmp_path / f"node{node}.log", env))
-            if node == 0:
-                time.sleep(2)  # node 0 hosts the rendezvous store
+        agents = run.start_elastic_nodes([str(ROOT / "examples/run_clm.py"), "--output_dir",
+                                          str(tmp_path), *flags], tmp_path, "kill")
         run.wait_for(lambda: (tmp_path / "checkpoint-16/gasloc/manifest.json").exists(), 400,
                      "checkpoint-16")
-        victim = agents[3]
-        for pid in [*run.workers(victim).values(), victim.pid]:
-            os.kill(pid, signal.SIGKILL)  # a lost machine: its agent and its worker
+        run.kill_node(agents[3])
         codes = run.wait(400)
     assert codes[:3] == [0, 0, 0], run.text()[-3000:]
-    import json
     results = json.loads((tmp_path / "all_results.json").read_text())
     assert results["world_size"] == 3 and math.isfinite(results["eval_loss"])
     assert json.loads((tmp_path / "trainer_state.json").read_text())["global_step"] == 48

@@ -8,7 +8,8 @@ from hf_gasloc import GASLoC
 from hf_gasloc.ddp import disable_gradient_sync
 
 from .distributed import count_collectives, run_ranks
-from .workers import DiLoCoReference, TinyNet, flat, gather, local_step, mean
+from .workers import (DiLoCoReference, TinyNet, flat, gather, load_training, local_step, mean,
+                      train_rounds)
 
 H = 3
 
@@ -100,27 +101,20 @@ def test_invariant_3_no_gradient_all_reduce_during_local_steps():
 
 
 def _graphs_and_resume(rank, world_size, folder):
-    def run(rounds, start_state=None):
+    def run(rounds, resume=False):
         model = TinyNet()
         inner = torch.optim.AdamW(model.parameters(), lr=1e-2)
         engine = GASLoC(model, inner, topology="1peer", seed=21, local_steps=2)
-        if start_state is not None:
-            model.load_state_dict(start_state["model"])
-            inner.load_state_dict(start_state["inner"])
-            engine.load_state_dict(start_state["engine"])
-        saved = None
-        while engine.round < rounds:
-            local_step(model, inner, rank, 100 * engine.round + engine.steps_in_round)
-            if engine.round == 3 and engine.steps_in_round == 1 and saved is None:
-                saved = {"model": model.state_dict(), "inner": inner.state_dict(),
-                         "engine": engine.state_dict()}
-                torch.save(saved, f"{folder}/rank{rank}.pt")
+        checkpoint = f"{folder}/rank{rank}.pt"
+        if resume:
+            load_training(model, inner, engine, checkpoint)
+        train_rounds(model, inner, engine, rank, rounds, save_to=None if resume else checkpoint)
         return flat(model), engine
     uninterrupted, engine = run(6)
     graphs = [engine.topology.graph(t) for t in range(20)]
     every_rank = [None] * world_size
     dist.all_gather_object(every_rank, graphs)
-    resumed, _ = run(6, torch.load(f"{folder}/rank{rank}.pt", weights_only=False))
+    resumed, _ = run(6, resume=True)
     return every_rank, uninterrupted, resumed
 
 

@@ -10,7 +10,8 @@ from hf_gasloc.fragments import split_fragments, start_steps
 
 from .clm import blocks, tiny_llama, training_arguments
 from .distributed import run_ranks
-from .workers import DiLoCoReference, TinyNet, flat, gather, local_step, mean
+from .workers import (DiLoCoReference, TinyNet, flat, gather, load_training, local_step, mean,
+                      save_training)
 
 H, DELAY = 4, 2
 
@@ -93,26 +94,23 @@ def test_each_fragment_is_diloco_at_its_own_step_on_the_complete_graph():
 
 
 def _in_flight_resume(rank, world_size, folder):
-    def run(steps, start=None):
+    def run(steps, resume=False):
         model = TinyNet()
         inner = torch.optim.AdamW(model.parameters(), lr=1e-2)
         engine = GASLoC(model, inner, topology="1peer", local_steps=H, outer_delay=DELAY,
                         fragments=2, seed=5, payload="int8")
-        if start is not None:
-            model.load_state_dict(start["model"])
-            inner.load_state_dict(start["inner"])
-            engine.load_state_dict(start["engine"])
+        checkpoint = f"{folder}/rank{rank}.pt"
+        if resume:
+            load_training(model, inner, engine, checkpoint)
         in_flight = None
         while engine.inner_step < steps:
             local_step(model, inner, rank, engine.inner_step)
-            if engine.inner_step == 2 * H + 1 and start is None:  # round 1 is in flight
+            if engine.inner_step == 2 * H + 1 and not resume:  # round 1 is in flight
                 in_flight = len(engine.scheduler.in_flight)
-                torch.save({"model": model.state_dict(), "inner": inner.state_dict(),
-                            "engine": engine.state_dict()}, f"{folder}/rank{rank}.pt")
+                save_training(model, inner, engine, checkpoint)
         return flat(model), in_flight, engine.totals.rounds
     uninterrupted, in_flight, rounds = run(6 * H)
-    resumed, _, resumed_rounds = run(6 * H, torch.load(f"{folder}/rank{rank}.pt",
-                                                       weights_only=False))
+    resumed, _, resumed_rounds = run(6 * H, resume=True)
     return uninterrupted, resumed, in_flight, rounds, resumed_rounds
 
 

@@ -64,3 +64,25 @@ class DiLoCoReference:
                 update = pseudo_gradient + self.momentum * self.buffer
         self.anchor = self.anchor - self.lr * update
         return self.anchor
+
+
+def save_training(model, inner, engine, path: str) -> None:
+    """What a checkpoint holds for a resume: the model, the inner optimizer and the engine."""
+    torch.save({"model": model.state_dict(), "inner": inner.state_dict(),
+                "engine": engine.state_dict()}, path)
+
+
+def load_training(model, inner, engine, path: str) -> None:
+    saved = torch.load(path, weights_only=False)
+    model.load_state_dict(saved["model"])
+    inner.load_state_dict(saved["inner"])
+    engine.load_state_dict(saved["engine"])
+
+
+def train_rounds(model, inner, engine, rank: int, rounds: int, save_to: str | None = None) -> None:
+    """Inner steps until ``engine.round == rounds``; with ``save_to``, save mid-round 3."""
+    while engine.round < rounds:
+        local_step(model, inner, rank, 100 * engine.round + engine.steps_in_round)
+        if save_to and engine.round == 3 and engine.steps_in_round == 1:
+            save_training(model, inner, engine, save_to)
+            save_to = None
