@@ -8,7 +8,7 @@ from hf_gasloc.codec import BlockInt8Codec, make_codec
 
 from .distributed import run_ranks
 from .workers import (DiLoCoReference, TinyNet, flat, gather, load_training, local_step, mean,
-                      train_rounds)
+                      mean_anchor_against_diloco, train_rounds)
 
 
 @pytest.mark.parametrize("name,bytes_per_parameter,worst", [
@@ -111,18 +111,7 @@ def _sparse_mean_follows_diloco(rank, world_size, payload):
     model = TinyNet()
     inner = torch.optim.SGD(model.parameters(), lr=0.05)
     engine = GASLoC(model, None, topology="2peer", payload=payload, local_steps=3, seed=11)
-    reference = DiLoCoReference(flat(model), "nesterov", 0.7, 0.9)
-    worst, spread = 0.0, 0.0
-    for round_index in range(6):
-        anchors = gather(flat(model))  # x == a at the start of a round
-        for step in range(3):
-            local_step(model, inner, rank, round_index * 3 + step)
-        lives = gather(flat(model))
-        reference.step(mean([a - x for a, x in zip(anchors, lives)]))
-        engine.outer_step()
-        new_anchors = gather(flat(model))
-        worst = max(worst, float((mean(new_anchors) - reference.anchor).abs().max()))
-        spread = max(spread, float((new_anchors[0] - new_anchors[-1]).abs().max()))
+    worst, spread = mean_anchor_against_diloco(model, inner, engine, rank, 6, 3)
     wire = engine.wire.messages[0].numel()
     return worst, spread, engine.last_round.bytes_sent, wire, len(engine.topology.graph(5).peers[rank])
 

@@ -9,7 +9,7 @@ from hf_gasloc.ddp import disable_gradient_sync
 
 from .distributed import count_collectives, run_ranks
 from .workers import (DiLoCoReference, TinyNet, flat, gather, load_training, local_step, mean,
-                      train_rounds)
+                      mean_anchor_against_diloco, train_rounds)
 
 H = 3
 
@@ -48,18 +48,7 @@ def _mean_anchor_follows_diloco(rank, world_size, topologies):
         inner = torch.optim.SGD(model.parameters(), lr=0.05)
         engine = GASLoC(model, None, topology=topology, outer_optimizer="nesterov",
                         outer_lr=0.7, outer_momentum=0.9, seed=11, local_steps=H)
-        reference = DiLoCoReference(flat(model), "nesterov", 0.7, 0.9)
-        worst, spread = 0.0, 0.0
-        for round_index in range(6):
-            anchors = gather(flat(model))  # x_i == a_i at the start of a round
-            for step in range(H):
-                local_step(model, inner, rank, round_index * H + step)
-            lives = gather(flat(model))
-            reference.step(mean([a - x for a, x in zip(anchors, lives)]))
-            engine.outer_step()
-            new_anchors = gather(flat(model))
-            worst = max(worst, float((mean(new_anchors) - reference.anchor).abs().max()))
-            spread = max(spread, float((new_anchors[0] - new_anchors[-1]).abs().max()))
+        worst, spread = mean_anchor_against_diloco(model, inner, engine, rank, 6, H)
         report[topology] = (worst, spread)
     return report
 

@@ -86,3 +86,22 @@ def train_rounds(model, inner, engine, rank: int, rounds: int, save_to: str | No
         if save_to and engine.round == 3 and engine.steps_in_round == 1:
             save_training(model, inner, engine, save_to)
             save_to = None
+
+
+def mean_anchor_against_diloco(model, inner, engine, rank: int, rounds: int,
+                               steps: int) -> tuple[float, float]:
+    """Invariant 2, round by round: the workers' mean anchor against DiLoCo (Nesterov lr 0.7,
+    momentum 0.9) on the mean pseudo-gradient. Returns the worst gap and the anchors' spread."""
+    reference = DiLoCoReference(flat(model), "nesterov", 0.7, 0.9)
+    worst, spread = 0.0, 0.0
+    for round_index in range(rounds):
+        anchors = gather(flat(model))  # x_i == a_i at the start of a round
+        for step in range(steps):
+            local_step(model, inner, rank, round_index * steps + step)
+        lives = gather(flat(model))
+        reference.step(mean([a - x for a, x in zip(anchors, lives)]))
+        engine.outer_step()
+        new_anchors = gather(flat(model))
+        worst = max(worst, float((mean(new_anchors) - reference.anchor).abs().max()))
+        spread = max(spread, float((new_anchors[0] - new_anchors[-1]).abs().max()))
+    return worst, spread
