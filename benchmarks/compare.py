@@ -108,12 +108,13 @@ def long_runs(workers: int) -> list[Run]:
 
 
 def codecs(workers: int) -> list[Run]:
-    """Every payload at H = 30 (DiLoCo, GASLoC 2peer) and H = 1 (GASLoC 2peer, gentle outer),
-    and for sparse graphs both things a payload can carry (docs/algorithm.md)."""
+    """Every payload at H = 30 and at H = 1 (gentle outer) for DiLoCo and GASLoC 2peer, and for
+    sparse graphs both things a payload can carry (docs/algorithm.md)."""
     runs = []
     for payload in ("native", "bf16", "fp16", "int8"):
         runs += [Run("DiLoCo", "complete", workers, 30, payload=payload),
                  Run("GASLoC", "2peer", workers, 30, payload=payload),
+                 Run("DiLoCo", "complete", workers, 1, "nesterov", 1.0, 0.5, payload=payload),
                  Run("GASLoC", "2peer", workers, 1, "nesterov", 1.0, 0.5, payload=payload)]
     for payload in ("bf16", "int8"):
         runs += [Run("GASLoC", "2peer", workers, 30, payload=payload,
