@@ -1,6 +1,7 @@
 """Plot the results of ``benchmarks/compare.py`` as PNGs.
 
     python benchmarks/plot_compare.py --runs outputs/compare/runs --output_dir docs
+    python benchmarks/plot_compare.py --long outputs/compare_long/runs --output_dir docs
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from common import table  # noqa: E402
-from compare import h1_gentle, h_sweep, lr_momentum_grid, main_grid, outer_grid  # noqa: E402
+from compare import (h1_gentle, h_sweep, long_runs, lr_momentum_grid, main_grid,  # noqa: E402
+                     outer_grid)
 
 
 def label(run: dict) -> str:
@@ -44,6 +46,32 @@ def curves(results: dict, counts: list[int], path: Path) -> None:
         ax.set(title=f"{workers} workers", xlabel="step", ylabel="validation loss (consensus)")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
+    _save(figure, path)
+
+
+def long_curves(results: dict, workers: int, path: Path) -> None:
+    """The long runs: validation loss against tokens, and the second half zoomed in."""
+    figure, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    late: list[float] = []
+    for run in long_runs(workers):
+        result = results.get(run.key)
+        if result:
+            steps, losses = zip(*result["curve"])
+            tokens = [s * result["tokens"] / result["steps"] / 1e6 for s in steps]
+            half = tokens[-1] / 2
+            late += [loss for t, loss in zip(tokens, losses) if t >= half]
+            name = label(result["run"]) if run.method != "DiLoCo" else "DiLoCo H=30"
+            for ax in axes:
+                ax.plot(tokens, losses, label=name)
+            axes[1].set_xlim(left=half)
+    if late:
+        margin = 0.05 * (max(late) - min(late) + 0.01)
+        axes[1].set_ylim(min(late) - margin, max(late) + margin)
+    for ax, title in zip(axes, ("whole run", "second half")):
+        ax.set(title=f"{workers} workers, {title}", xlabel="tokens (M)",
+               ylabel="validation loss (consensus)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     _save(figure, path)
 
 
@@ -134,7 +162,11 @@ def main() -> None:
     parser.add_argument("--runs", default="outputs/compare/runs")
     parser.add_argument("--output_dir", default="docs")
     parser.add_argument("--workers", type=int, nargs="+", default=[4, 8])
+    parser.add_argument("--long", help="plot the long runs in this folder instead")
     args = parser.parse_args()
+    if args.long:
+        long_curves(load(Path(args.long)), args.workers[0], Path(args.output_dir) / "compare_long.png")
+        return
     results, out = load(Path(args.runs)), Path(args.output_dir)
     curves(results, args.workers, out / "compare_curves.png")
     loss_vs_h(results, args.workers[0], out / "compare_loss_vs_h.png")

@@ -231,7 +231,8 @@ def _plot(results: list[dict], path: Path) -> None:
             seconds, _, losses = zip(*r["curve"])
             ax.plot(seconds, losses, "o-" if "adaptive" in r["method"] else "s--", label=r["method"],
                     markersize=3)
-        ax.set(title=f"one straggler at {share:.0%} bandwidth", xlabel="training wall time (s)",
+        title = "every link throttled alike" if share == 1 else f"one straggler at {share:.0%} bandwidth"
+        ax.set(title=title, xlabel="training wall time (s)",
                ylabel="validation loss (consensus)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -274,7 +275,8 @@ def main() -> None:
         for method in args.methods:
             result = output / f"{method.replace(' ', '_')}-{share}.json"
             if not result.exists():
-                print(f"running {method} with the straggler at {share:.0%} ...", flush=True)
+                where = "every link alike" if share == 1 else f"the straggler at {share:.0%}"
+                print(f"running {method} with {where} ...", flush=True)
                 run_one(args, method, share, cache, result)
             results.append(json.loads(result.read_text()))
     summary = (f"Command: `{command()}`\nMachine: {machine()}\n{args.workers} workers, links "

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +45,7 @@ from transformers import (
 
 from hf_gasloc import GASLoCArguments, GASLoCCallback
 from hf_gasloc.checkpoint import complete_checkpoints
+from hf_gasloc.config import ENV_PREFIX
 from hf_gasloc.data import data_files_builder, load_text_dataset, pack_into_blocks
 from hf_gasloc.launch import gpu_command, launched_alone, start_local_workers
 from hf_gasloc.recipes import load_recipe
@@ -65,7 +67,11 @@ EMBEDDED_DEFAULTS = dict(
     save_strategy="no",
     report_to="none",
     block_size=128,
+    # GASLoC for a 150-step run (15 rounds): a gentler outer Nesterov than DiLoCo's published
+    # 0.7 / 0.9, chosen by benchmarks/default_run.py (docs/results.md#the-default-run).
     gasloc_local_steps="10",
+    gasloc_outer_lr=0.4,
+    gasloc_outer_momentum=0.5,
 )
 
 # --recipe_smoke_test: the recipe's settings on a shrunk model, a few CPU steps, the embedded tokenizer.
@@ -163,7 +169,9 @@ def parse_arguments(argv: Optional[list[str]] = None) -> tuple:
     settings = dict(recipe.arguments) if recipe else {}
     sources = {"model_name_or_path", "config_name", "dataset_name", "train_file"}
     embedded = not (given | set(settings)) & sources
-    defaults = dict(EMBEDDED_DEFAULTS) if embedded else {}
+    defaults = {name: value for name, value in EMBEDDED_DEFAULTS.items()  # a set env var wins
+                if ENV_PREFIX + name.removeprefix("gasloc_").upper() not in os.environ
+                } if embedded else {}
     defaults.update(settings)
     defaults.update(SMOKE_TEST if smoke else {})
     defaults["use_cpu"] = not torch.cuda.is_available()

@@ -1,6 +1,8 @@
-"""The comparison runner: real runs on the local corpus, resumed without redoing them."""
+"""Benchmark tools run for real on the local corpus: comparisons (resumed without redoing runs),
+the H = 1 sweep's simulator against the engine, the GPU check's CPU dry run."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -46,3 +48,15 @@ def test_the_gpu_check_starts_and_reports_on_the_cpu(tmp_path):
     assert "GPU check on CPU (dry run)" in report and "FAIL" not in report, report
     assert report.count("| exactness, gloo") == 6 and "tokens/s per GPU" in report
     assert "NCCL needs one GPU per rank" in report
+
+
+def test_the_gossip_sweep_simulator_matches_the_engine():
+    """The H = 1 sweep runs n workers in one process; each rule must give the engine's loss."""
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gossip_sweep.py"),
+                           "--validate", "--tokens", "20000"],
+                          capture_output=True, text=True, timeout=900, cwd=ROOT / "benchmarks")
+    assert done.returncode == 0, done.stderr[-3000:]
+    pairs = re.findall(r"^(\S+): simulator ([\d.]+), engine ([\d.]+)$", done.stdout, re.M)
+    assert {key.split("-")[0] for key, _, _ in pairs} == {"ours", "paper", "gossip"}
+    for key, simulated, engine in pairs:
+        assert abs(float(simulated) - float(engine)) < 1e-4, key

@@ -5,7 +5,7 @@ import torch
 from hf_gasloc import GASLoC
 
 from .distributed import run_ranks
-from .workers import TinyNet, flat, gather, local_step
+from .workers import TinyNet, flat, gather, local_step, mean
 
 
 def _reductions(rank, world_size):
@@ -54,3 +54,34 @@ def _complete(rank, world_size):
 def test_iterate_momentum_on_the_complete_graph_does_not_keep_workers_identical():
     anchors = run_ranks(_complete, 2)[0]
     assert not torch.equal(anchors[0], anchors[1]), "documented: it is not DiLoCo there"
+
+
+def _complete_mean(rank, world_size, eta, gamma):
+    model = TinyNet()
+    inner = torch.optim.SGD(model.parameters(), lr=0.05)
+    engine = GASLoC(model, None, topology="complete", outer_optimizer="iterate_momentum",
+                    outer_lr=eta, outer_momentum=gamma)
+    means, drifts = [], []  # theta_bar_t and the mean pseudo-gradient Delta_bar_t
+    for round_index in range(6):
+        starts = gather(flat(model))  # x_i == theta_i at the start of a round
+        for step in range(2):
+            local_step(model, inner, rank, 2 * round_index + step)
+        lives = gather(flat(model))
+        means.append(mean(starts))
+        drifts.append(mean([s - x for s, x in zip(starts, lives)]))
+        engine.outer_step()
+    means.append(mean(gather(flat(model))))
+    return means, drifts
+
+
+def test_iterate_momentum_on_the_complete_graph_moves_the_mean_by_diloco_nesterov():
+    """docs/algorithm.md: the mean obeys torch's Nesterov recursion on the mean pseudo-gradient,
+    theta_{t+1} = theta_t - eta D_t + gamma (theta_t - theta_{t-1}) - gamma eta (D_t - D_{t-1}),
+    from the second round on; the first round is outer SGD."""
+    eta, gamma = 0.8, 0.6
+    means, drifts = run_ranks(_complete_mean, 3, eta, gamma)[0]
+    assert torch.allclose(means[1], means[0] - eta * drifts[0], atol=1e-6, rtol=0)
+    for t in range(1, len(drifts)):
+        expected = (means[t] - eta * drifts[t] + gamma * (means[t] - means[t - 1])
+                    - gamma * eta * (drifts[t] - drifts[t - 1]))
+        assert torch.allclose(means[t + 1], expected, atol=1e-6, rtol=0), t

@@ -144,6 +144,22 @@ def test_a_restarted_run_resumes_from_its_newest_complete_checkpoint_bit_for_bit
     assert all(torch.equal(uninterrupted[k], resumed[k]) for k in uninterrupted)
 
 
+def test_the_embedded_default_outer_settings_yield_to_flags_and_environment(monkeypatch):
+    sys.path.insert(0, str(SCRIPT.parent))
+    import run_clm
+
+    def outer(*flags):
+        plugin = run_clm.parse_arguments(list(flags))[3]
+        return plugin.outer_lr, plugin.outer_momentum, plugin.local_steps
+
+    assert outer() == (0.4, 0.5, 10)  # docs/results.md#the-default-run
+    assert outer("--gasloc_outer_lr", "0.7") == (0.7, 0.5, 10)
+    monkeypatch.setenv("ACCELERATE_GASLOC_OUTER_MOMENTUM", "0.9")
+    assert outer() == (0.4, 0.9, 10)
+    own_data = str(SCRIPT.parent / "data" / "pydocs_train.parquet")
+    assert outer("--train_file", own_data)[:2] == (0.7, 0.9)  # not the embedded run: no defaults
+
+
 @pytest.mark.parametrize("flags,message", [
     (["--gasloc_topology", "star"], "unknown topology 'star'"),
     (["--gasloc_local_steps", "0"], "local_steps must be >= 1"),
