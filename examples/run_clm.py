@@ -314,7 +314,7 @@ def run(model_args, data_args, training_args, plugin, embedded, callbacks) -> Tr
     trainer.log_metrics("eval", eval_metrics)
     trainer.save_metrics("eval", eval_metrics)
     summary = {"world_size": training_args.world_size, "gasloc_topology": plugin.topology,
-           "gasloc_config": plugin.to_dict()}
+               "gasloc_config": plugin.to_dict()}
     for callback in callbacks:
         if getattr(callback, "engine", None) is not None:
             summary.update(callback.engine.metrics())

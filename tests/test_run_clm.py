@@ -44,6 +44,8 @@ def test_default_run_lowers_the_loss_and_writes_results(tmp_path):
                      "--max_steps", "24")
     assert results["world_size"] == 2
     assert results["gasloc/rounds"] == 6 and results["gasloc_topology"] == "1peer"
+    used = results["gasloc_config"]  # every setting the run used, embedded defaults included
+    assert (used["local_steps"], used["outer_lr"], used["outer_momentum"]) == (4, 0.4, 0.5)
     assert results["eval_loss"] < results["start_eval_loss"] - 0.3
     assert results["perplexity"] == pytest.approx(math.exp(results["eval_loss"]))
     assert 0 <= results["eval_accuracy"] <= 1
