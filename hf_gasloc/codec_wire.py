@@ -21,7 +21,6 @@ on sparse graphs: ``docs/algorithm.md`` (measured).
 
 from __future__ import annotations
 
-import math
 import time
 
 import torch
@@ -30,7 +29,7 @@ from .comm import Arrival, Comm
 from .exchange import size_of
 from .flat import FlatModel, views_of
 from .codec import make_codec
-from .wires import TINY, NativeWire, Received, _left_out
+from .wires import NativeWire, Received, average_values, mix_differences
 
 
 class CodecWire:
@@ -91,34 +90,16 @@ class CodecWire:
     def combine(self, received: Received, weights: dict[int, float], norm: float,
                 round_index: int) -> tuple[float | None, list[int]]:
         """``z <- z + s sum_j w_j (D(q_j) - D(q_i))`` over finite messages."""
-        differences, distance = {}, dict.fromkeys(weights, 0.0)
-        for b, own in enumerate(self._own):
-            for slot, peer in enumerate(weights):
-                difference = self._decode(b, slot, received(peer)[b]).sub_(own)
-                distance[peer] += float(torch.dot(difference, difference)) * self._scale ** 2
-                differences[(b, peer)] = difference
-        mixed = [peer for peer in weights if math.isfinite(distance[peer])]
-        _left_out(self.comm.rank, list(weights), mixed, round_index)
-        for b, g in enumerate(self.flat.groups):
-            for peer in mixed:
-                g.work.add_(differences[(b, peer)], alpha=self._scale * weights[peer])
-        if not mixed:
-            return None, mixed
-        return sum(distance[p] for p in mixed) / len(mixed) / max(norm, TINY), mixed
+        def difference(b: int, slot: int, peer: int) -> torch.Tensor:
+            return self._decode(b, slot, received(peer)[b]).sub_(self._own[b])
+        return mix_differences(self.flat, self.comm.rank, weights, difference, self._scale, norm,
+                               round_index)
 
     def take_average(self, received: Received, weights: dict[int, float]) -> list[int]:
         """``z <- base + s sum_j w_j D(q_j) / sum_j w_j`` (for a non-finite own ``z``)."""
-        decoded = {peer: [self._decode(b, slot, received(peer)[b])
-                          for b in range(len(self.messages))]
-                   for slot, peer in enumerate(weights)}
-        mixed = [p for p in weights
-                 if all(math.isfinite(float(torch.dot(d, d))) for d in decoded[p])]
-        total = sum(weights[p] for p in mixed)
-        for b, g in enumerate(self.flat.groups):
-            self._base_into(b)
-            for peer in mixed:
-                g.work.add_(decoded[peer][b], alpha=self._scale * weights[peer] / total)
-        return mixed
+        return average_values(self.flat, weights,
+                              lambda b, slot, peer: self._decode(b, slot, received(peer)[b]),
+                              self._scale, self._base_into)
 
     # --------------------------------------------------------- complete graph
     def post_all(self) -> Arrival:

@@ -35,8 +35,19 @@ class Wire(Protocol):
 
     def encode(self, healthy: bool, eta: float) -> None: ...
     def combine(self, received: Received, weights: dict[int, float], norm: float,
-                round_index: int) -> tuple[float | None, list[int]]: ...
-    def take_average(self, received: Received, weights: dict[int, float]) -> list[int]: ...
+                round_index: int) -> tuple[float | None, list[int]]:
+        """``z <- z + sum_j w_j (z_j - z)`` over finite messages; peer distance and peers mixed."""
+        def difference(b: int, slot: int, peer: int) -> torch.Tensor:
+            return self._as_fp32(b, slot, received(peer)[b]).sub_(self.flat.groups[b].work)
+        return mix_differences(self.flat, self.comm.rank, weights, difference, 1.0, norm,
+                               round_index)
+
+    def take_average(self, received: Received, weights: dict[int, float]) -> list[int]:
+        """``z <- sum_j w_j z_j / sum_j w_j`` over finite messages (for a non-finite own ``z``)."""
+        return average_values(self.flat, weights,
+                              lambda b, slot, peer: self._as_fp32(b, slot, received(peer)[b]),
+                              1.0, lambda b: self.flat.groups[b].work.zero_())
+
     def post_all(self) -> Arrival: ...
     def all_bytes(self) -> int: ...
     def average_all(self, count: float, eta: float) -> None: ...
@@ -50,6 +61,43 @@ def _left_out(rank: int, peers: list[int], mixed: list[int], round_index: int) -
         if peer not in mixed:
             logger.warning("GASLoC rank %d: the message of rank %d in round %d is not finite; "
                            "left out.", rank, peer, round_index)
+
+
+Values = Callable[[int, int, int], torch.Tensor]  # (buffer, slot, peer) -> fp32 tensor
+
+
+def mix_differences(flat: FlatModel, rank: int, weights: dict[int, float], difference: Values,
+                    scale: float, norm: float, round_index: int) -> tuple[float | None, list[int]]:
+    """``z <- z + scale sum_j w_j d_j`` over the peers whose differences ``d_j`` are finite;
+    returns the peer distance (``scale^2 ||d_j||^2`` relative to ``norm``) and the peers mixed."""
+    differences, distance = {}, dict.fromkeys(weights, 0.0)
+    for b in range(len(flat.groups)):
+        for slot, peer in enumerate(weights):
+            d = difference(b, slot, peer)
+            distance[peer] += float(torch.dot(d, d)) * scale ** 2
+            differences[(b, peer)] = d
+    mixed = [peer for peer in weights if math.isfinite(distance[peer])]
+    _left_out(rank, list(weights), mixed, round_index)
+    for b, g in enumerate(flat.groups):
+        for peer in mixed:
+            g.work.add_(differences[(b, peer)], alpha=scale * weights[peer])
+    if not mixed:
+        return None, mixed
+    return sum(distance[p] for p in mixed) / len(mixed) / max(norm, TINY), mixed
+
+
+def average_values(flat: FlatModel, weights: dict[int, float], value: Values, scale: float,
+                   base_into: Callable[[int], None]) -> list[int]:
+    """``z <- base + scale sum_j w_j v_j / sum_j w_j`` over the peers whose values are finite."""
+    values = {peer: [value(b, slot, peer) for b in range(len(flat.groups))]
+              for slot, peer in enumerate(weights)}
+    mixed = [p for p in weights if all(math.isfinite(float(torch.dot(v, v))) for v in values[p])]
+    total = sum(weights[p] for p in mixed)
+    for b, g in enumerate(flat.groups):
+        base_into(b)
+        for peer in mixed:
+            g.work.add_(values[peer][b], alpha=scale * weights[peer] / total)
+    return mixed
 
 
 class NativeWire:
