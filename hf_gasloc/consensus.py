@@ -15,7 +15,7 @@ import torch
 
 from .comm import Comm
 from .errors import NonFiniteError, PeerLostError
-from .flat import FlatModel, views_of
+from .flat import FlatModel
 from .health import all_finite
 from .peers import LostPeers
 
@@ -53,9 +53,8 @@ class Consensus:
                 + " stopped answering. Save this worker's own model instead, or restart the "
                 "job with the workers that are alive (docs/reliability.md)."
             )
+        self.flat.load_live(self._buffers)
         buffers = self.buffers
-        for g, buffer in zip(self.flat.groups, buffers):
-            torch._foreach_copy_(views_of(buffer, g.params), g.params)
         finite = all_finite(buffers)
         if not finite:
             for buffer in buffers:
@@ -71,10 +70,10 @@ class Consensus:
 
     @torch.no_grad()
     def _store(self, into_anchor: bool = False) -> None:
-        for g, buffer in zip(self.flat.groups, self.buffers):
-            torch._foreach_copy_(g.params, views_of(buffer, g.params))
-            if into_anchor:
-                g.anchor.copy_(buffer)
+        self.flat.store_work(self._buffers)
+        if into_anchor:
+            for anchor, buffer in zip(self.flat.anchors, self.buffers):
+                anchor.copy_(buffer)
 
     def swap_in(self) -> list[list[torch.Tensor]]:
         """Put the average into the model; returns this rank's own parameters for ``restore``."""

@@ -77,17 +77,23 @@ class FlatModel:
         """(dtype, numel) of every group: what all ranks must agree on."""
         return [(str(g.dtype), g.anchor.numel()) for g in self.groups]
 
-    @torch.no_grad()
-    def load_live(self) -> None:
-        """``work <- x`` (the live parameters, in fp32)."""
-        for g in self.groups:
-            torch._foreach_copy_(g.work_views, g.params)
+    def _views(self, buffers: list[torch.Tensor] | None) -> list[list[torch.Tensor]]:
+        """Per group, the parameter-shaped views of ``buffers`` (the work buffers if None)."""
+        if buffers is None:
+            return [g.work_views for g in self.groups]
+        return [views_of(b, g.params) for g, b in zip(self.groups, buffers, strict=True)]
 
     @torch.no_grad()
-    def store_work(self) -> None:
-        """``x <- work`` (rounded to the parameters' dtype)."""
-        for g in self.groups:
-            torch._foreach_copy_(g.params, g.work_views)
+    def load_live(self, buffers: list[torch.Tensor] | None = None) -> None:
+        """``work <- x`` (the live parameters, in fp32), or into ``buffers`` (one per group)."""
+        for g, views in zip(self.groups, self._views(buffers)):
+            torch._foreach_copy_(views, g.params)
+
+    @torch.no_grad()
+    def store_work(self, buffers: list[torch.Tensor] | None = None) -> None:
+        """``x <- work`` (rounded to the parameters' dtype), or from ``buffers``."""
+        for g, views in zip(self.groups, self._views(buffers)):
+            torch._foreach_copy_(g.params, views)
 
     @torch.no_grad()
     def store_anchor(self) -> None:
