@@ -21,7 +21,9 @@ Every run: the same initialisation, the same global data order (worker ``i`` of
 5 % warmup and cosine decay; the consensus (the workers' mean) is evaluated on
 256 validation blocks of ``../shared/data/pydocs``. ``--validate`` runs the
 same configuration through the real engine on ``n`` gloo ranks and prints both
-losses. Each finished run is a JSON line in ``--output``; a rerun skips it.
+losses. ``--grid h1`` first tunes gossip AdamW's inner lr in every (topology, workers) cell,
+by factors of 2 until the best lies inside what was tried, then runs both outer rules at
+``OUTER_POINTS`` on that lr. Each finished run is a JSON line in ``--output``; a rerun skips it.
 """
 
 from __future__ import annotations
@@ -54,18 +56,20 @@ class Run:
     outer_lr: float = 1.0
     momentum: float = 0.0
     compensated: bool = False  # inner lr times (1 - momentum)
+    repeat: int = 0  # > 0: another draw of the initialisation, data order and gossip graphs
 
     @property
     def key(self) -> str:
         return (f"{self.rule}-{self.topology}-n{self.workers}-ilr{self.inner_lr}-olr{self.outer_lr}"
-                f"-m{self.momentum}{'-comp' if self.compensated else ''}")
+                f"-m{self.momentum}{'-comp' if self.compensated else ''}"
+                f"{f'-rep{self.repeat}' if self.repeat else ''}")
 
 
-def simulate(run: Run, data: dict, tokens: int, batch: int = 8, seed: int = 1) -> dict:
+def simulate(run: Run, data: dict, tokens: int, batch: int = 8) -> dict:
     """Train ``run.workers`` stacked workers with H = 1; the consensus's final validation loss."""
     n, block = run.workers, data["train"].shape[1]
     steps = tokens // (n * batch * block)
-    base = new_tiny_gpt()
+    base = new_tiny_gpt(run.repeat)
     buffers = dict(base.named_buffers())
     stacked, _ = stack_module_state([base] * n)
     params = {k: v.detach().clone().requires_grad_(True) for k, v in stacked.items()}
@@ -75,8 +79,8 @@ def simulate(run: Run, data: dict, tokens: int, batch: int = 8, seed: int = 1) -
     anchor = {k: v.detach().clone() for k, v in params.items()}
     momentum = {k: torch.zeros_like(v) for k, v in params.items()}
     previous: dict[str, torch.Tensor] | None = None
-    orders = [DataOrder(data["train"], batch, i, n) for i in range(n)]
-    graphs = build_topology(run.topology, n, seed)
+    orders = [DataOrder(data["train"], batch, i, n, run.repeat) for i in range(n)]
+    graphs = build_topology(run.topology, n, 1 + run.repeat)
 
     def loss(p, ids):
         return functional_call(base, ({**p}, buffers), (ids,)).loss
@@ -144,33 +148,75 @@ def _engine(rank, world_size, run: Run, cache: str, tokens: int, batch: int = 8)
         return evaluate(model, data["validation"][:256], rank, world_size)
 
 
-def h1_grid() -> list[Run]:
-    """Gossip AdamW's inner lr, tuned per worker count on 1peer, then on every topology."""
-    runs = [Run("gossip", "1peer", workers, lr) for workers in (4, 8, 16)
-            for lr in (2e-3, 4e-3, 8e-3, 1.6e-2)]  # 8e-3 was best everywhere: one above it
-    return runs
-
-
-def h1_baselines(best: dict[int, float]) -> list[Run]:
-    return [Run("gossip", topology, workers, lr) for workers, lr in best.items()
-            for topology in ("2peer", "ring", "exponential")]
-
-
-def h1_outer(best: dict[int, float]) -> list[Run]:
-    """Both outer forms, outer lr x momentum, the inner lr fixed or (1 - momentum)-scaled."""
-    runs = []
-    for (workers, lr), topology in itertools.product(best.items(), TOPOLOGIES):
-        for rule in ("ours", "paper"):
-            runs += [Run(rule, topology, workers, lr, outer_lr, momentum, compensated)
-                     for outer_lr, momentum, compensated in OUTER_POINTS]
-    return runs
-
-
 TOPOLOGIES = ("1peer", "2peer", "ring", "exponential")
-# (outer lr, momentum, inner lr x (1 - momentum)): light and heavy momentum at eta 1, the
-# compensated heavy one, and an outer lr above 1 (the earlier 4-worker trials: lr 0.7, momentum
-# 0.9 loses to plain gossip; 0.5 was better than 0.9).
-OUTER_POINTS = ((1.0, 0.3, False), (1.0, 0.6, False), (1.0, 0.6, True), (2.0, 0.3, False))
+WORKERS = (4, 8, 16)
+FIRST_INNER_LRS = (2e-3, 4e-3, 8e-3)
+# (outer lr, momentum, inner lr x (1 - momentum)), most telling first, so that a sweep stopped
+# early has the same points in every cell: eta 1 with light to heavy momentum, the compensated
+# inner lr, then outer lr 0.5 and 2, and those without momentum (one rule: at momentum 0 both
+# forms are the same update, theta <- W (theta + eta (x - theta))).
+OUTER_POINTS = ((1.0, 0.3, False), (1.0, 0.6, False), (1.0, 0.9, False),
+                (1.0, 0.6, True), (1.0, 0.9, True),
+                (0.5, 0.3, False), (0.5, 0.6, False), (0.5, 0.9, False),
+                (2.0, 0.3, False), (2.0, 0.6, False), (2.0, 0.9, False),
+                (0.5, 0.0, False), (2.0, 0.0, False))
+
+
+def inner_lr_runs(done: dict) -> list[Run]:
+    """Gossip AdamW runs still needed so that each cell's best inner lr lies inside its grid.
+
+    1peer starts from ``FIRST_INNER_LRS``; the other topologies from 1peer's best at the same
+    worker count, halved and doubled. A best at either edge of what was tried adds the next
+    factor of 2 beyond it.
+    """
+    runs: list[Run] = []
+    for topology, workers in itertools.product(TOPOLOGIES, WORKERS):
+        if topology == "1peer":
+            start = FIRST_INNER_LRS
+        elif runs:  # 1peer first: the others start from its best
+            break
+        else:
+            lr = best_inner_lrs(done)[("1peer", workers)]
+            start = (lr / 2, lr, lr * 2)
+        tried = sorted(r["run"]["inner_lr"] for r in cell(done, topology, workers)
+                       if r["run"]["rule"] == "gossip")
+        missing = [lr for lr in start if lr not in tried]
+        best = best_inner_lrs(done).get((topology, workers))
+        if not missing and best == tried[-1]:
+            missing = [best * 2]
+        elif not missing and best == tried[0]:
+            missing = [best / 2]
+        runs += [Run("gossip", topology, workers, lr) for lr in missing]
+    return runs
+
+
+def outer_runs(done: dict) -> list[Run]:
+    """Both outer forms at every point of ``OUTER_POINTS``, on each cell's tuned inner lr."""
+    best = best_inner_lrs(done)
+    runs = []
+    for outer_lr, momentum, compensated in OUTER_POINTS:
+        for (topology, workers), lr in best.items():
+            rules = ("ours", "paper") if momentum else ("ours",)
+            runs += [Run(rule, topology, workers, lr, outer_lr, momentum, compensated)
+                     for rule in rules]
+    return runs
+
+
+def repeat_runs(done: dict) -> list[Run]:
+    """Each cell's tuned gossip AdamW and its best run with outer momentum, on a fresh draw of
+    initialisation, data order and graphs: how much of a gap is the luck of one draw."""
+    runs = []
+    for topology, workers in best_inner_lrs(done):
+        runs += [Run(**{**r["run"], "repeat": 1}) for r in gossip_and_best_accelerated(
+            done, topology, workers)]
+    return runs
+
+
+def gossip_and_best_accelerated(done: dict, topology: str, workers: int) -> list[dict]:
+    """A cell's tuned gossip AdamW run, then its best run with outer momentum (if any)."""
+    best = best_of_each(done, topology, workers)
+    accelerated = [r for name, r in best.items() if r["run"]["momentum"]]
+    return [best["gossip AdamW"]] + sorted(accelerated, key=lambda r: r["final_loss"])[:1]
 
 
 def main() -> None:
@@ -197,90 +243,140 @@ def main() -> None:
     if output.exists():
         done = {r["key"]: r for r in map(json.loads, output.read_text().splitlines())}
     if args.grid:
-        for stage in ("inner lr", "baselines", "outer"):
-            best = {w: lr for (t, w), lr in best_inner_lrs(done).items() if t == "1peer"}
-            runs = {"inner lr": h1_grid, "baselines": lambda: h1_baselines(best),
-                    "outer": lambda: h1_outer(best)}[stage]()
-            todo = [r for r in runs if r.key not in done]
-            print(f"{stage}: {len(runs)} runs, {len(runs) - len(todo)} already done", flush=True)
-            for run in tqdm(todo, desc=stage):
-                start = time.perf_counter()
-                result = simulate(run, data, args.tokens, args.batch_size)
-                result["seconds"] = time.perf_counter() - start
-                done[run.key] = result
-                with output.open("a") as out:
-                    out.write(json.dumps(result) + "\n")
+        while todo := [r for r in inner_lr_runs(done) if r.key not in done]:
+            run_all(todo, "gossip AdamW's inner lr", data, args, done, output)
+        for stage, runs in (("outer rules", outer_runs), ("fresh draws", repeat_runs)):
+            run_all([r for r in runs(done) if r.key not in done], stage, data, args, done, output)
         print(summary(done))
     if args.plot:
         plot(done, args.plot)
 
 
+def run_all(todo: list[Run], stage: str, data: dict, args: argparse.Namespace, done: dict,
+            output: Path) -> None:
+    """Simulate each run and append its result to ``output`` as soon as it ends."""
+    for run in tqdm(todo, desc=stage):
+        start = time.perf_counter()
+        result = simulate(run, data, args.tokens, args.batch_size)
+        result["seconds"] = time.perf_counter() - start
+        done[run.key] = result
+        with output.open("a") as out:
+            out.write(json.dumps(result) + "\n")
+
+
 def best_inner_lrs(done: dict) -> dict[tuple[str, int], float]:
+    """Each (topology, workers) cell's best gossip AdamW inner lr on the sweep's own draw."""
     best: dict[tuple[str, int], tuple[float, float]] = {}
     for r in done.values():
         run = r["run"]
-        if run["rule"] == "gossip" and r["finite"]:
+        if run["rule"] == "gossip" and r["finite"] and not run.get("repeat", 0):
             key = (run["topology"], run["workers"])
             if key not in best or r["final_loss"] < best[key][0]:
                 best[key] = (r["final_loss"], run["inner_lr"])
-    return {key: lr for key, (_, lr) in sorted(best.items())}
+    order = sorted(best, key=lambda cell: (TOPOLOGIES.index(cell[0]), cell[1]))
+    return {cell: best[cell][1] for cell in order}
+
+
+METHODS = ("gossip AdamW", "ours", "paper", "ours, inner lr x (1 - m)",
+           "paper, inner lr x (1 - m)", "outer lr alone (m = 0)")
+
+
+def method(run: dict) -> str:
+    """The name a run is reported under: its rule, or the outer lr alone at momentum 0."""
+    if run["rule"] == "gossip":
+        return "gossip AdamW"
+    if not run["momentum"]:
+        return "outer lr alone (m = 0)"
+    return run["rule"] + (", inner lr x (1 - m)" if run["compensated"] else "")
+
+
+def cell(done: dict, topology: str, workers: int, repeat: int = 0) -> list[dict]:
+    return [r for r in done.values()
+            if (r["run"]["topology"], r["run"]["workers"]) == (topology, workers)
+            and r["run"].get("repeat", 0) == repeat]
+
+
+def best_of_each(done: dict, topology: str, workers: int) -> dict[str, dict]:
+    """Each method's best finite run in one (topology, workers) cell."""
+    best: dict[str, dict] = {}
+    for r in cell(done, topology, workers):
+        name = method(r["run"])
+        if r["finite"] and (name not in best or r["final_loss"] < best[name]["final_loss"]):
+            best[name] = r
+    return best
 
 
 def summary(done: dict) -> str:
+    """One row per cell (each method's best loss, and its gap to tuned gossip AdamW), then
+    the settings each best used."""
+    rows, settings = [], []
+    for topology, workers in best_inner_lrs(done):
+        best = best_of_each(done, topology, workers)
+        gossip = best["gossip AdamW"]["final_loss"]
+        diverged = sum(not r["finite"] for r in cell(done, topology, workers))
+        rows.append([topology, workers] + [
+            f"{best[name]['final_loss']:.3f} ({best[name]['final_loss'] - gossip:+.3f})"
+            if name in best else "" for name in METHODS] + [diverged])
+        for name in METHODS:
+            if name in best:
+                run = best[name]["run"]
+                settings.append([topology, workers, name, run["inner_lr"], run["outer_lr"],
+                                 run["momentum"]])
+    return "\n\n".join([
+        table(["topology", "workers", *METHODS, "runs diverged"], rows),
+        table(["topology", "workers", "method", "inner lr", "outer lr", "momentum"], settings),
+        repeats_table(done)])
+
+
+def repeats_table(done: dict) -> str:
+    """Gossip AdamW and the best accelerated run of each cell, on the sweep's draw and a fresh one."""
     rows = []
-    for (topology, workers), lr in best_inner_lrs(done).items():
-        cell = {}
-        for r in done.values():
-            run = r["run"]
-            if (run["topology"], run["workers"]) != (topology, workers) or not r["finite"]:
-                continue
-            if run["rule"] == "gossip" and run["inner_lr"] != lr:
-                continue
-            name = run["rule"] + (" (inner lr x (1 - m))" if run["compensated"] else "")
-            if name not in cell or r["final_loss"] < cell[name]["final_loss"]:
-                cell[name] = r
-        gossip = cell["gossip"]["final_loss"]
-        for name, r in sorted(cell.items()):
-            run = r["run"]
-            rows.append([topology, workers, name, run["inner_lr"], run["outer_lr"],
-                         run["momentum"], f"{r['final_loss']:.3f}",
-                         f"{r['final_loss'] - gossip:+.3f}"])
-    return table(["topology", "workers", "rule (best of its grid)", "inner lr", "outer lr",
-                  "momentum", "final val loss", "vs gossip AdamW"], rows)
+    for topology, workers in best_inner_lrs(done):
+        pair = gossip_and_best_accelerated(done, topology, workers)
+        again = [done.get(Run(**{**r["run"], "repeat": 1}).key) for r in pair]
+        if len(pair) < 2 or None in again:
+            continue
+        losses = [[r["final_loss"] for r in draw] for draw in (pair, again)]
+        rows.append([topology, workers, method(pair[1]["run"])]
+                    + [f"{g:.3f} / {a:.3f} ({a - g:+.3f})" for g, a in losses])
+    return table(["topology", "workers", "best accelerated", "sweep's draw: gossip / accelerated",
+                  "fresh draw: gossip / accelerated"], rows)
 
 
 def plot(done: dict, path: str) -> None:
+    """Final loss against momentum, one panel per cell; momentum 0 at outer lr 1 is gossip AdamW."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    best = best_inner_lrs(done)
-    figure, axes = plt.subplots(len({w for _, w in best}), 4, figsize=(16, 11), squeeze=False)
-    topologies = ["1peer", "2peer", "ring", "exponential"]
-    workers = sorted({w for _, w in best})
-    for (topology, n), lr in best.items():
-        ax = axes[workers.index(n)][topologies.index(topology)]
-        gossip = min((r["final_loss"] for r in done.values() if r["run"]["rule"] == "gossip"
-                      and (r["run"]["topology"], r["run"]["workers"]) == (topology, n)
-                      and r["finite"]), default=float("nan"))
-        ax.axhline(gossip, color="black", linestyle=":", label="gossip AdamW (tuned)")
-        for rule, compensated, style in (("ours", False, "o-"), ("ours", True, "o--"),
-                                         ("paper", False, "s-"), ("paper", True, "s--")):
+    cells = best_inner_lrs(done)
+    figure, axes = plt.subplots(len(WORKERS), len(TOPOLOGIES), figsize=(18, 12), squeeze=False)
+    for (topology, workers), lr in cells.items():
+        ax = axes[WORKERS.index(workers)][TOPOLOGIES.index(topology)]
+        runs = [r for r in cell(done, topology, workers) if r["finite"]]
+        gossip = best_of_each(done, topology, workers)["gossip AdamW"]["final_loss"]
+        ax.axhline(gossip, color="black", linestyle=":", label="gossip AdamW (inner lr tuned)")
+        for rule, compensated, style in (("ours", False, "o-"), ("paper", False, "s--"),
+                                         ("ours", True, "o:"), ("paper", True, "s:")):
             for outer_lr, color in ((0.5, "tab:blue"), (1.0, "tab:orange"), (2.0, "tab:green")):
-                points = sorted((r["run"]["momentum"], r["final_loss"]) for r in done.values()
-                                if r["run"]["rule"] == rule and r["run"]["outer_lr"] == outer_lr
-                                and r["run"]["compensated"] == compensated and r["finite"]
-                                and (r["run"]["topology"], r["run"]["workers"]) == (topology, n))
-                if points:
-                    ax.plot(*zip(*points), style, color=color, markersize=3, alpha=0.8,
-                            label=f"{rule}{' comp.' if compensated else ''} lr {outer_lr}")
-        ax.set(title=f"{topology}, {n} workers", xlabel="momentum", ylabel="final val loss")
-        ax.set_ylim(top=gossip + 0.6) if math.isfinite(gossip) else None
+                points = sorted((r["run"]["momentum"], r["final_loss"]) for r in runs
+                                if r["run"]["outer_lr"] == outer_lr
+                                and r["run"]["compensated"] == compensated
+                                and (r["run"]["rule"] == rule or (r["run"]["momentum"] == 0 and (
+                                    r["run"]["rule"] != "gossip" or r["run"]["inner_lr"] == lr))))
+                if len(points) > 1:
+                    label = f"{rule} lr {outer_lr}" + (", inner lr x (1 - m)" if compensated else "")
+                    ax.plot(*zip(*points), style, color="tab:red" if compensated else color,
+                            markersize=4, alpha=0.8, label=label)
+        ax.set(title=f"{topology}, {workers} workers (inner lr {lr:g})", xlabel="outer momentum",
+               ylabel="final val loss", ylim=(min(r["final_loss"] for r in runs) - 0.05,
+                                              gossip + 0.5))
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=6)
+    axes[0][0].legend(fontsize=7)
+    figure.suptitle("H = 1, same tokens for every run: consensus's final validation loss")
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    figure.savefig(path, dpi=90)
     print(f"wrote {path}")
 
 

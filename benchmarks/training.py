@@ -48,9 +48,10 @@ class DataOrder:
     """One global shuffled order of the blocks; at step ``s`` worker ``i`` of ``n`` takes
     the ``(s n + i)``-th batch, so every method sees the same data."""
 
-    def __init__(self, blocks: torch.Tensor, batch_size: int, rank: int, world_size: int):
+    def __init__(self, blocks: torch.Tensor, batch_size: int, rank: int, world_size: int,
+                 seed: int = 0):
         self.blocks, self.batch_size, self.rank, self.world_size = blocks, batch_size, rank, world_size
-        self.order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(0))
+        self.order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(seed))
 
     def batch(self, step: int) -> torch.Tensor:
         first = (step * self.world_size + self.rank) * self.batch_size
