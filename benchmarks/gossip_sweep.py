@@ -320,7 +320,8 @@ def summary(done: dict) -> str:
         for name in METHODS:
             if name in best:
                 run = best[name]["run"]
-                settings.append([topology, workers, name, run["inner_lr"], run["outer_lr"],
+                inner_lr = run["inner_lr"] * ((1 - run["momentum"]) if run["compensated"] else 1)
+                settings.append([topology, workers, name, f"{inner_lr:.3g}", run["outer_lr"],
                                  run["momentum"]])
     return "\n\n".join([
         table(["topology", "workers", *METHODS, "runs diverged"], rows),
