@@ -153,13 +153,15 @@ WORKERS = (4, 8, 16)
 FIRST_INNER_LRS = (2e-3, 4e-3, 8e-3)
 # (outer lr, momentum, inner lr x (1 - momentum)), most telling first, so that a sweep stopped
 # early has the same points in every cell: eta 1 with light to heavy momentum, the compensated
-# inner lr, then outer lr 0.5 and 2, and those without momentum (one rule: at momentum 0 both
-# forms are the same update, theta <- W (theta + eta (x - theta))).
+# inner lr, then outer lr 0.5 and 2, those without momentum (one rule: at momentum 0 both
+# forms are the same update, theta <- W (theta + eta (x - theta))), and the compensated inner
+# lr at outer lr 0.5 and 2.
 OUTER_POINTS = ((1.0, 0.3, False), (1.0, 0.6, False), (1.0, 0.9, False),
                 (1.0, 0.6, True), (1.0, 0.9, True),
                 (0.5, 0.3, False), (0.5, 0.6, False), (0.5, 0.9, False),
                 (2.0, 0.3, False), (2.0, 0.6, False), (2.0, 0.9, False),
-                (0.5, 0.0, False), (2.0, 0.0, False))
+                (0.5, 0.0, False), (2.0, 0.0, False),
+                (0.5, 0.6, True), (2.0, 0.6, True), (0.5, 0.9, True), (2.0, 0.9, True))
 
 
 def inner_lr_runs(done: dict) -> list[Run]:
@@ -344,6 +346,16 @@ def repeats_table(done: dict) -> str:
                   "fresh draw: gossip / accelerated"], rows)
 
 
+def on_curve(run: dict, rule: str, outer_lr: float, compensated: bool, tuned_lr: float) -> bool:
+    """Whether ``run`` is a point of ``rule``'s curve at ``outer_lr``: momentum 0 is on every
+    curve (both forms coincide there; at outer lr 1 it is gossip AdamW with the tuned lr)."""
+    if run["outer_lr"] != outer_lr:
+        return False
+    if run["momentum"] == 0:
+        return run["rule"] != "gossip" or run["inner_lr"] == tuned_lr
+    return run["rule"] == rule and run["compensated"] == compensated
+
+
 def plot(done: dict, path: str) -> None:
     """Final loss against momentum, one panel per cell; momentum 0 at outer lr 1 is gossip AdamW."""
     import matplotlib
@@ -362,14 +374,11 @@ def plot(done: dict, path: str) -> None:
                                          ("ours", True, "o:"), ("paper", True, "s:")):
             for outer_lr, color in ((0.5, "tab:blue"), (1.0, "tab:orange"), (2.0, "tab:green")):
                 points = sorted((r["run"]["momentum"], r["final_loss"]) for r in runs
-                                if r["run"]["outer_lr"] == outer_lr
-                                and r["run"]["compensated"] == compensated
-                                and (r["run"]["rule"] == rule or (r["run"]["momentum"] == 0 and (
-                                    r["run"]["rule"] != "gossip" or r["run"]["inner_lr"] == lr))))
+                                if on_curve(r["run"], rule, outer_lr, compensated, lr))
                 if len(points) > 1:
                     label = f"{rule} lr {outer_lr}" + (", inner lr x (1 - m)" if compensated else "")
-                    ax.plot(*zip(*points), style, color="tab:red" if compensated else color,
-                            markersize=4, alpha=0.8, label=label)
+                    ax.plot(*zip(*points), style, color=color, markersize=4, alpha=0.8,
+                            label=label)
         ax.set(title=f"{topology}, {workers} workers (inner lr {lr:g})", xlabel="outer momentum",
                ylabel="final val loss", ylim=(min(r["final_loss"] for r in runs) - 0.05,
                                               gossip + 0.5))
