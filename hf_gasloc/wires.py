@@ -35,19 +35,8 @@ class Wire(Protocol):
 
     def encode(self, healthy: bool, eta: float) -> None: ...
     def combine(self, received: Received, weights: dict[int, float], norm: float,
-                round_index: int) -> tuple[float | None, list[int]]:
-        """``z <- z + sum_j w_j (z_j - z)`` over finite messages; peer distance and peers mixed."""
-        def difference(b: int, slot: int, peer: int) -> torch.Tensor:
-            return self._as_fp32(b, slot, received(peer)[b]).sub_(self.flat.groups[b].work)
-        return mix_differences(self.flat, self.comm.rank, weights, difference, 1.0, norm,
-                               round_index)
-
-    def take_average(self, received: Received, weights: dict[int, float]) -> list[int]:
-        """``z <- sum_j w_j z_j / sum_j w_j`` over finite messages (for a non-finite own ``z``)."""
-        return average_values(self.flat, weights,
-                              lambda b, slot, peer: self._as_fp32(b, slot, received(peer)[b]),
-                              1.0, lambda b: self.flat.groups[b].work.zero_())
-
+                round_index: int) -> tuple[float | None, list[int]]: ...
+    def take_average(self, received: Received, weights: dict[int, float]) -> list[int]: ...
     def post_all(self) -> Arrival: ...
     def all_bytes(self) -> int: ...
     def average_all(self, count: float, eta: float) -> None: ...
@@ -133,34 +122,16 @@ class NativeWire:
     def combine(self, received: Received, weights: dict[int, float], norm: float,
                 round_index: int) -> tuple[float | None, list[int]]:
         """``z <- z + sum_j w_j (z_j - z)`` over finite messages; peer distance and peers mixed."""
-        differences, distance = {}, dict.fromkeys(weights, 0.0)
-        for b, g in enumerate(self.flat.groups):
-            for slot, peer in enumerate(weights):
-                difference = self._as_fp32(b, slot, received(peer)[b])
-                difference.sub_(g.work)
-                distance[peer] += float(torch.dot(difference, difference))
-                differences[(b, peer)] = difference
-        mixed = [peer for peer in weights if math.isfinite(distance[peer])]
-        _left_out(self.comm.rank, list(weights), mixed, round_index)
-        for b, g in enumerate(self.flat.groups):
-            for peer in mixed:
-                g.work.add_(differences[(b, peer)], alpha=weights[peer])
-        if not mixed:
-            return None, mixed
-        return sum(distance[p] for p in mixed) / len(mixed) / max(norm, TINY), mixed
+        def difference(b: int, slot: int, peer: int) -> torch.Tensor:
+            return self._as_fp32(b, slot, received(peer)[b]).sub_(self.flat.groups[b].work)
+        return mix_differences(self.flat, self.comm.rank, weights, difference, 1.0, norm,
+                               round_index)
 
     def take_average(self, received: Received, weights: dict[int, float]) -> list[int]:
         """``z <- sum_j w_j z_j / sum_j w_j`` over finite messages (for a non-finite own ``z``)."""
-        views = {peer: [self._as_fp32(b, slot, received(peer)[b])
-                        for b in range(len(self.flat.groups))]
-                 for slot, peer in enumerate(weights)}
-        mixed = [p for p in weights if all(math.isfinite(float(torch.dot(v, v))) for v in views[p])]
-        total = sum(weights[p] for p in mixed)
-        for b, g in enumerate(self.flat.groups):
-            g.work.zero_()
-            for peer in mixed:
-                g.work.add_(views[peer][b], alpha=weights[peer] / total)
-        return mixed
+        return average_values(self.flat, weights,
+                              lambda b, slot, peer: self._as_fp32(b, slot, received(peer)[b]),
+                              1.0, lambda b: self.flat.groups[b].work.zero_())
 
     def post_all(self) -> Arrival:
         """Complete graph: start summing every message over all ranks (a ring All-Reduce)."""
