@@ -172,18 +172,19 @@ def inner_lr_runs(done: dict) -> list[Run]:
     factor of 2 beyond it.
     """
     runs: list[Run] = []
+    best_lrs = best_inner_lrs(done)
     for topology, workers in itertools.product(TOPOLOGIES, WORKERS):
         if topology == "1peer":
             start = FIRST_INNER_LRS
         elif runs:  # 1peer first: the others start from its best
             break
         else:
-            lr = best_inner_lrs(done)[("1peer", workers)]
+            lr = best_lrs[("1peer", workers)]
             start = (lr / 2, lr, lr * 2)
         tried = sorted(r["run"]["inner_lr"] for r in cell(done, topology, workers)
                        if r["run"]["rule"] == "gossip")
         missing = [lr for lr in start if lr not in tried]
-        best = best_inner_lrs(done).get((topology, workers))
+        best = best_lrs.get((topology, workers))
         if not missing and best == tried[-1]:
             missing = [best * 2]
         elif not missing and best == tried[0]:
@@ -292,10 +293,11 @@ def method(run: dict) -> str:
     return run["rule"] + (", inner lr x (1 - m)" if run["compensated"] else "")
 
 
-def cell(done: dict, topology: str, workers: int, repeat: int = 0) -> list[dict]:
+def cell(done: dict, topology: str, workers: int) -> list[dict]:
+    """The sweep's own draw in one (topology, workers) cell (fresh draws left out)."""
     return [r for r in done.values()
             if (r["run"]["topology"], r["run"]["workers"]) == (topology, workers)
-            and r["run"].get("repeat", 0) == repeat]
+            and not r["run"].get("repeat", 0)]
 
 
 def best_of_each(done: dict, topology: str, workers: int) -> dict[str, dict]:
