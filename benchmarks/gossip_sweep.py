@@ -8,7 +8,7 @@
 are stacked along a leading dimension and trained with ``torch.func.vmap``:
 AdamW is elementwise, so one AdamW on the stacked parameters is ``n``
 independent ones; a round mixes the proposals with the round's gossip matrix
-``W_t`` from ``hf_gasloc.topology`` (the same graphs as the engine). The rules:
+``W_t`` from ``hf_gasloc.schedule.topology`` (the same graphs as the engine). The rules:
 
 - ``gossip``: plain gossip AdamW, ``a <- W x`` every round (outer SGD, lr 1);
 - ``ours``: the engine's rule, outer Nesterov (torch SGD) on the anchor,
@@ -37,14 +37,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from torch.func import functional_call, grad_and_value, stack_module_state, vmap
 from tqdm import tqdm
 
+import simulator
 from common import command, machine, spawn, table
+from simulator import Simulation
 from tiny_gpt import new_tiny_gpt
 from training import ROOT, DataOrder, cosine_with_warmup, evaluate, prepare_data
-
-from hf_gasloc.topology import build_topology
 
 
 @dataclass(frozen=True)
@@ -67,58 +66,11 @@ class Run:
 
 def simulate(run: Run, data: dict, tokens: int, batch: int = 8) -> dict:
     """Train ``run.workers`` stacked workers with H = 1; the consensus's final validation loss."""
-    n, block = run.workers, data["train"].shape[1]
-    steps = tokens // (n * batch * block)
-    base = new_tiny_gpt(run.repeat)
-    buffers = dict(base.named_buffers())
-    stacked, _ = stack_module_state([base] * n)
-    params = {k: v.detach().clone().requires_grad_(True) for k, v in stacked.items()}
+    steps = tokens // (run.workers * batch * data["train"].shape[1])
     lr = run.inner_lr * ((1 - run.momentum) if run.compensated else 1.0)
-    inner = torch.optim.AdamW(params.values(), lr=lr, weight_decay=0.1)
-    schedule = cosine_with_warmup(inner, steps)
-    anchor = {k: v.detach().clone() for k, v in params.items()}
-    momentum = {k: torch.zeros_like(v) for k, v in params.items()}
-    previous: dict[str, torch.Tensor] | None = None
-    orders = [DataOrder(data["train"], batch, i, n, run.repeat) for i in range(n)]
-    graphs = build_topology(run.topology, n, 1 + run.repeat)
-
-    def loss(p, ids):
-        return functional_call(base, ({**p}, buffers), (ids,)).loss
-
-    step_grads = vmap(grad_and_value(loss))
-    for step in range(steps):
-        ids = torch.stack([order.batch(step) for order in orders])
-        grads, _ = step_grads({k: v.detach() for k, v in params.items()}, ids)
-        for k, v in params.items():
-            v.grad = grads[k]
-        inner.step()
-        inner.zero_grad()
-        schedule.step()
-        mixing = torch.tensor(graphs.graph(step).matrix(), dtype=torch.float32)
-        with torch.no_grad():
-            proposal = {k: torch.lerp(anchor[k], params[k], run.outer_lr) for k in params}
-            mixed = {k: torch.einsum("ij,j...->i...", mixing, z) for k, z in proposal.items()}
-            for k in params:
-                if run.rule == "paper":
-                    new = mixed[k] if previous is None else mixed[k] + run.momentum * (
-                        proposal[k] - previous[k])
-                else:  # torch SGD (Nesterov when momentum > 0) on G = (a - z_hat) / eta
-                    g = (anchor[k] - mixed[k]) / run.outer_lr
-                    if run.momentum:
-                        momentum[k].mul_(run.momentum).add_(g)
-                        g = g + run.momentum * momentum[k]
-                    new = anchor[k] - run.outer_lr * g
-                anchor[k] = new
-                params[k].copy_(new)
-            previous = proposal
-    consensus = {k: v.detach().mean(0) for k, v in params.items()}
-    with torch.no_grad():
-        base.load_state_dict({**consensus, **{k: v for k, v in base.state_dict().items()
-                                              if k not in consensus}})
-        validation = data["validation"][:256]
-        losses = [base.loss(validation[i : i + 64]).item() * len(validation[i : i + 64])
-                  for i in range(0, len(validation), 64)]
-    final = sum(losses) / len(validation)
+    rule = {"gossip": "sgd", "ours": "nesterov", "paper": "iterate_momentum"}[run.rule]
+    final = simulator.simulate(Simulation(rule, run.topology, run.workers, 1, steps, lr,
+                                          run.outer_lr, run.momentum, run.repeat), data, batch)
     return {"run": asdict(run), "key": run.key, "steps": steps, "final_loss": final,
             "finite": math.isfinite(final)}
 

@@ -56,6 +56,6 @@ class TinyGPT(nn.Module):
         return type("Output", (), {"loss": self.loss(input_ids)})()
 
 
-def new_tiny_gpt(seed: int = 0) -> TinyGPT:
+def new_tiny_gpt(seed: int = 0, vocab: int = 4096) -> TinyGPT:
     torch.manual_seed(seed)
-    return TinyGPT()
+    return TinyGPT(vocab)

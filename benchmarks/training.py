@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 from pathlib import Path
 
@@ -9,25 +10,64 @@ import torch
 import torch.distributed as dist
 
 ROOT = Path(__file__).resolve().parents[1]
-PYDOCS = ROOT.parent / "shared" / "data" / "pydocs"
 TINY_LLAMA = ROOT / "examples" / "configs" / "tiny-llama"
+# Where the text comes from (``--data``): the repository's own sample (every clone has it), or
+# the larger corpus of the same schema that the project's machines keep beside the repository.
+DATA_SOURCES = {
+    "embedded": (ROOT / "examples" / "data" / "pydocs_train.parquet",
+                 ROOT / "examples" / "data" / "pydocs_validation.parquet"),
+    "shared": (ROOT.parent / "shared" / "data" / "pydocs" / "train.parquet",
+               ROOT.parent / "shared" / "data" / "pydocs" / "validation.parquet"),
+}
+DATA_HELP = ("text to train on: 'embedded' (examples/data, in every clone), 'shared' "
+             "(../shared/data/pydocs, the larger corpus beside the repository on the project's "
+             "machines), or a folder holding train.parquet and validation.parquet")
 
 
-def prepare_data(folder: Path, block_size: int) -> str:
-    """Tokenize and pack pydocs once into ``folder``; every run reads the same tensors."""
-    from transformers import AutoTokenizer
+def data_files(source: str) -> tuple[Path, Path]:
+    """The train and validation parquet files of a ``--data`` value, checked to exist."""
+    folder = Path(source)
+    files = DATA_SOURCES.get(source, (folder / "train.parquet", folder / "validation.parquet"))
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise SystemExit(f"--data {source}: {', '.join(missing)} not found ({DATA_HELP}).")
+    return files
 
-    from hf_gasloc.data import load_text_dataset, pack_into_blocks
 
-    cache = folder / f"pydocs_blocks{block_size}.pt"
+def prepare_data(folder: Path, block_size: int, source: str = "embedded",
+                 tokens: str = "bpe") -> str:
+    """Tokenize and pack the ``--data`` text once into ``folder``; every run reads the same
+    tensors. ``tokens``: the embedded BPE tokenizer, or ``bytes`` (UTF-8 bytes, vocabulary
+    256, byte 0 ending each document)."""
+    from hf_gasloc.integrations.data import load_text_dataset, pack_into_blocks
+
+    train, validation = data_files(source)
+    name = source if source in DATA_SOURCES else "custom-" + hashlib.sha1(
+        str(Path(source).resolve()).encode()).hexdigest()[:8]
+    cache = folder / f"{name}_{tokens}_blocks{block_size}.pt"
     if not cache.exists():
         folder.mkdir(parents=True, exist_ok=True)
-        tokenizer = AutoTokenizer.from_pretrained(ROOT / "examples" / "data" / "tokenizer")
-        raw = load_text_dataset(train_file=str(PYDOCS / "train.parquet"),
-                                validation_file=str(PYDOCS / "validation.parquet"))
+        raw = load_text_dataset(train_file=str(train), validation_file=str(validation))
+        tokenizer = ByteTokenizer() if tokens == "bytes" else _bpe_tokenizer()
         packed = pack_into_blocks(raw, tokenizer, block_size)
         torch.save({split: torch.tensor(packed[split]["input_ids"]) for split in packed}, cache)
     return str(cache)
+
+
+def _bpe_tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(ROOT / "examples" / "data" / "tokenizer")
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens (what ``pack_into_blocks`` needs of a tokenizer)."""
+
+    eos_token_id = 0
+    vocab_size = 256
+
+    def __call__(self, texts: list[str], add_special_tokens: bool = False) -> dict:
+        return {"input_ids": [list(text.encode("utf-8")) for text in texts]}
 
 
 def new_model(config_dir: str | Path, device: torch.device) -> torch.nn.Module:
