@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from common import command, machine, median_ms, spawn, table, timed
-from hf_gasloc.codec import BlockInt8Codec, make_codec
+from hf_gasloc.wire.codec import BlockInt8Codec, make_codec
 from training import TINY_LLAMA, DataOrder, new_model, prepare_data, ROOT
 
 CODECS = ("bf16", "fp16", "int8")

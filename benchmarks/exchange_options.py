@@ -2,7 +2,7 @@
 
     python benchmarks/exchange_options.py --megabytes 40 --ranks 2 4
 
-Options: ``batch_isend_irecv`` (what ``hf_gasloc.comm`` uses); All-Reduce on
+Options: ``batch_isend_irecv`` (what ``hf_gasloc.fabric`` uses); All-Reduce on
 pair groups built once and cached; a ``new_group`` built for each round's pairs.
 Median wall time per round over ``--rounds`` rounds, rank 0's clock.
 """
@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from common import command, machine, median_ms, spawn, table, timed
-from hf_gasloc.topology import build_topology
+from hf_gasloc.schedule.topology import build_topology
 
 
 def _peer(rank: int, graph) -> int | None:

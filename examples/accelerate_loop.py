@@ -26,7 +26,7 @@ from transformers import (
 )
 
 from hf_gasloc import GASLoCArguments
-from hf_gasloc.data import load_text_dataset, pack_into_blocks
+from hf_gasloc.integrations.data import load_text_dataset, pack_into_blocks
 
 HERE = Path(__file__).parent
 

@@ -44,11 +44,11 @@ from transformers import (
 )
 
 from hf_gasloc import GASLoCArguments, GASLoCCallback
-from hf_gasloc.checkpoint import complete_checkpoints
+from hf_gasloc.state.checkpoint import complete_checkpoints
 from hf_gasloc.config import ENV_PREFIX
-from hf_gasloc.data import data_files_builder, load_text_dataset, pack_into_blocks
-from hf_gasloc.launch import gpu_command, launched_alone, start_local_workers
-from hf_gasloc.recipes import load_recipe
+from hf_gasloc.integrations.data import data_files_builder, load_text_dataset, pack_into_blocks
+from hf_gasloc.integrations.launch import gpu_command, launched_alone, start_local_workers
+from hf_gasloc.integrations.recipes import load_recipe
 
 HERE = Path(__file__).resolve().parent
 logger = logging.getLogger(__name__)

@@ -1,11 +1,11 @@
 """hf_gasloc: GASLoC decentralized pretraining for Hugging Face Trainer and Accelerate."""
 
-from .arguments import GASLoCArguments
+from .integrations.arguments import GASLoCArguments
 from .config import GASLoCConfig
 from .engine import GASLoC
-from .plugin import GASLoCPlugin
-from .topology import RoundGraph, Topology, build_topology
-from .trainer import GASLoCCallback
+from .integrations.plugin import GASLoCPlugin
+from .schedule.topology import RoundGraph, Topology, build_topology
+from .integrations.trainer import GASLoCCallback
 
 __version__ = "0.1.0"
 

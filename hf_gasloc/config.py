@@ -15,22 +15,22 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from .codec import FORMS, PAYLOAD_HELP, PAYLOADS
-from .local_steps import (
+from .wire.codec import FORMS, PAYLOAD_HELP, PAYLOADS
+from .schedule.local_steps import (
     LOCAL_STEPS_HELP,
     LocalStepsSetting,
     describe_local_steps,
     parse_local_steps,
     steps_for_rank,
 )
-from .outer_optimizer import (
+from .round.outer import (
     OUTER_MOMENTUM_HELP,
     OUTER_OPTIMIZER_HELP,
     OuterOptimizer,
     describe_outer_optimizer,
     resolve_outer_optimizer,
 )
-from .topology import NO_GOSSIP, TOPOLOGY_HELP, check_topology
+from .schedule.topology import NO_GOSSIP, TOPOLOGY_HELP, check_topology
 from .values import boolean, choice, integer, positive_float
 
 ENV_PREFIX = "ACCELERATE_GASLOC_"

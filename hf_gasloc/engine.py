@@ -1,12 +1,11 @@
-"""``GASLoC``: the outer loop around any inner optimizer.
+"""``GASLoC``: the outer loop around any inner optimizer, composed of its parts.
 
-It wires the pieces together and keeps the counters; each piece owns one idea:
-``topology`` (who talks to whom), ``local_steps`` (``H_i``), ``fragments`` and
-``flat`` (the fp32 buffers), ``comm`` (every transfer), ``wires`` and
-``exchange`` (what travels and how it mixes), ``outer_optimizer``, ``pipeline``
-(the stages of one round, listed in ``docs/algorithm.md``), ``overlap`` (when
-each fragment starts and finishes), ``consensus`` (the average, for evaluation
-and saving), ``health`` and ``peers`` (faults).
+The engine builds the parts, counts inner steps and starts and ends rounds;
+each part owns one idea and its own state: the graphs and ``H_i``
+(``schedule/``), the fragments with their anchors, outer rules, wires and
+snapshots (``round/fragment.py``), when each fragment starts and lands
+(``round/scheduler.py``), non-finite containment (``round/health.py``), the
+lost peers (``fabric/membership.py``), the average (``round/consensus.py``).
 """
 
 from __future__ import annotations
@@ -19,25 +18,22 @@ from typing import Any, Iterable, Iterator
 import torch
 import torch.distributed as dist
 
-from .agreement import check_ranks_agree, settings_to_agree_on
-from .codec_wire import make_wire
-from .comm import Comm
 from .config import GASLoCConfig
-from .consensus import Consensus
-from .exchange import GossipExchange
-from .flat import FlatModel
-from .fragments import split_fragments
-from .health import Health, all_params_finite, roll_back_nonfinite
-from .inner import InnerStepHook
-from .local_steps import local_steps_policy
-from .metrics import RoundMetrics, Totals, as_log
-from .outer_optimizer import build_outer_optimizer
-from .overlap import RoundScheduler
-from .peers import LostPeers
-from .pipeline import OuterStep, Round
-from .state import engine_state, restore_engine_state
-from .topology import build_topology
-from .wires import Wire
+from .fabric import Comm, LostPeers
+from .identity import agreement, check_ranks_agree, check_resumable, checkpoint_identity
+from .round.consensus import Consensus
+from .round.fragment import Fragment, RoundPlan, Worker
+from .round.health import Health
+from .round.inner import InnerStepHook
+from .round.metrics import RoundMetrics, Totals, as_log
+from .round.outer import build_outer_rule
+from .round.scheduler import RoundScheduler
+from .schedule.fragments import split_fragments
+from .schedule.local_steps import local_steps_policy
+from .schedule.topology import build_topology
+from .state.flat import FlatModel
+
+STATE_FORMAT = 2
 
 
 class GASLoC:
@@ -47,59 +43,46 @@ class GASLoC:
     the inner optimizer's ``step`` at once; without an optimizer, call
     ``attach(optimizer)`` later or ``outer_step()`` yourself. Construction is
     collective: every rank checks that all ranks have the same settings, then
-    takes rank 0's parameters as the common starting anchor.
+    takes rank 0's parameters as the common starting anchor. ``comm`` replaces
+    the process group by another fabric (the tests' in-process one).
     """
 
-    def __init__(
-        self,
-        model: torch.nn.Module | Iterable[torch.Tensor],
-        inner_optimizer: torch.optim.Optimizer | None = None,
-        config: GASLoCConfig | None = None,
-        *,
-        process_group: dist.ProcessGroup | None = None,
-        **settings: Any,
-    ):
-        if config is None:
-            config = GASLoCConfig(**settings)
-        elif settings:
-            config = dataclasses.replace(config, **settings)
+    def __init__(self, model: torch.nn.Module | Iterable[torch.Tensor],
+                 inner_optimizer: torch.optim.Optimizer | None = None,
+                 config: GASLoCConfig | None = None, *,
+                 process_group: dist.ProcessGroup | None = None, comm: Comm | None = None,
+                 **settings: Any):
+        config = GASLoCConfig(**settings) if config is None else dataclasses.replace(
+            config, **settings)
         if not config.enabled:
             raise ValueError("topology 'none' is plain DDP: do not attach a GASLoC engine.")
         self.config = config
-        self.comm = Comm(process_group, config.peer_timeout)
+        self.comm = comm or Comm(process_group, config.peer_timeout)
         self.rank, self.world_size = self.comm.rank, self.comm.world_size
         self.topology = build_topology(config.topology, self.world_size, config.seed,
                                        config.gossip_weight)
-        self.local_steps_policy = local_steps_policy(
-            config.local_steps, self.rank, self.world_size, self.topology.synchronous)
-        fragments = [FlatModel(part, config.anchor_on_cpu)
-                     for part in split_fragments(model, config.fragments)]
-        self.flat = FlatModel.of_groups([g for f in fragments for g in f.groups])
-        check_ranks_agree(settings_to_agree_on(config, self.topology, self.flat), self.comm)
+        self.local_steps = local_steps_policy(config.local_steps, self.rank, self.world_size,
+                                              self.topology.synchronous)
+        parts = [FlatModel(p, config.anchor_on_cpu) for p in split_fragments(model, config.fragments)]
+        self.flat = FlatModel.of_groups([g for part in parts for g in part.groups])
+        check_ranks_agree(agreement(config, self.topology, self.flat), self.comm)
         self.run_id = self.comm.run_id  # a resumed run takes its checkpoint's
         self.lost = LostPeers(self.rank, self.comm.hosts)
         self.health = Health(self.rank, config.max_bad_rounds)
         self.consensus = Consensus(self.flat, self.comm, self.lost, config.outer_delay > 0)
         self.consensus.start_from_first_rank()
-        self.outer_optimizers = [build_outer_optimizer(config.outer_optimizer, config.outer_lr,
-                                                       config.outer_momentum, f.anchors)
-                                 for f in fragments]
-        self.wires = [make_wire(f, self.comm, config.payload, config.payload_form,
-                                self.topology.synchronous) for f in fragments]
-        device = self.comm.staging_device(self.flat.device)
-        self.scheduler = RoundScheduler([
-            OuterStep(f, wire, GossipExchange(wire.messages, self.comm, device), optimizer,
-                      self.local_steps_policy, self.lost, self.health, self._recover,
-                      config.consensus_every, delayed=config.outer_delay > 0)
-            for f, wire, optimizer in zip(fragments, self.wires, self.outer_optimizers)],
-            config.outer_delay)
-        self.round = 0
-        self.steps_in_round = 0
-        self.inner_step = 0  # inner steps taken over the run
-        self.last_round: RoundMetrics | None = None
-        self.totals = Totals()
-        self._last_step_end: float | None = None
+        worker = Worker(self.comm, self.health, self.lost, self.local_steps)
+        self.fragments = [Fragment(part, build_outer_rule(config.outer_optimizer, config.outer_lr,
+                                                          config.outer_momentum, part.anchors),
+                                   worker, config.payload, config.payload_form,
+                                   self.topology.synchronous, config.consensus_every,
+                                   delayed=config.outer_delay > 0) for part in parts]
+        self.scheduler = RoundScheduler(self.fragments, config.outer_delay)
         self._hook = InnerStepHook(self._after_inner_step)
+        self.health.watch(self.fragments, lambda: self._hook.optimizer)
+        self.round = self.steps_in_round = self.inner_step = 0  # inner_step: over the run
+        self.totals, self.last_round = Totals(), None
+        self._last_step_end: float | None = None
         if inner_optimizer is not None:
             self.attach(inner_optimizer)
 
@@ -125,7 +108,7 @@ class GASLoC:
         self.comm.beat()
         now = time.perf_counter()
         if self._last_step_end is not None:
-            self.local_steps_policy.observe_step(now - self._last_step_end)
+            self.local_steps.observe_step(now - self._last_step_end)
         self.steps_in_round += 1
         self.inner_step += 1
         self._report(self.scheduler.finish_due(self.inner_step))
@@ -139,41 +122,21 @@ class GASLoC:
     @property
     def round_length(self) -> int:
         """``H_i`` of the round in progress."""
-        return self.local_steps_policy.current
-
-    @property
-    def outer_optimizer(self) -> torch.optim.Optimizer:
-        """The (first fragment's) outer optimizer."""
-        return self.outer_optimizers[0]
-
-    @property
-    def wire(self) -> Wire:
-        """The (first fragment's) wire."""
-        return self.wires[0]
-
-    @property
-    def outer_lr(self) -> float:
-        """``eta``: the outer optimizer's current learning rate."""
-        return float(self.outer_optimizer.param_groups[0]["lr"])
-
-    @property
-    def group(self) -> dist.ProcessGroup | None:
-        return self.comm.group
+        return self.local_steps.current
 
     def outer_step(self) -> RoundMetrics:
         """End the round now: start the fragments not started yet and finish every exchange
         in flight (normally the inner-optimizer hook runs each part at its step)."""
-        for fragment in range(self.scheduler.started, len(self.outer_optimizers)):
+        for fragment in self.scheduler.not_started():
             self._start(fragment)
         self._report(self.scheduler.finish_all())
         self._end_round()
         return self.last_round
 
     def _start(self, fragment: int) -> None:
-        eta = float(self.outer_optimizers[fragment].param_groups[0]["lr"])
-        round_ = Round(self.round, self.topology.graph(self.round), eta, self.steps_in_round,
-                       self.inner_step)
-        self.scheduler.start(fragment, round_, self.inner_step)
+        plan = RoundPlan(self.round, self.topology.graph(self.round), self.steps_in_round,
+                         self.inner_step)
+        self._report(self.scheduler.start(fragment, plan, self.inner_step))
         self._report(self.scheduler.finish_due(self.inner_step))
 
     def _report(self, finished: list[RoundMetrics]) -> None:
@@ -181,14 +144,13 @@ class GASLoC:
             self.totals.add(metrics)
             self.last_round = metrics
             if metrics.wait_seconds is not None:  # a worker sitting out measured nothing
-                self.local_steps_policy.observe_transfer(metrics.round, metrics.comm_seconds)
+                self.local_steps.observe_transfer(metrics.round, metrics.comm_seconds)
 
     def _end_round(self) -> None:
         self.round += 1
         self.steps_in_round = 0
-        self.scheduler.started = 0
-        next_peers = self.lost.alive(self.topology.graph(self.round).peers[self.rank])
-        self.local_steps_policy.plan(list(next_peers))
+        self.scheduler.new_round()
+        self.local_steps.plan(list(self.lost.alive(self.topology.graph(self.round).peers[self.rank])))
 
     @property
     def lost_peers(self) -> list[int]:
@@ -205,16 +167,9 @@ class GASLoC:
             self.lost.mark(rank, when, self.comm.silence)
         return self.lost_peers
 
-    def _recover(self) -> None:
-        roll_back_nonfinite(self.scheduler, self._hook.optimizer)
-
     def recover_if_nonfinite(self) -> bool:
         """Recover a worker with non-finite parameters before its state is saved."""
-        if all_params_finite(self.flat):
-            return False
-        self.health.unhealthy_round(self.round, self.inner_step, "it rolls back")
-        self._recover()
-        return True
+        return self.health.recover_before_save(self.round, self.inner_step)
 
     def metrics(self, prefix: str = "gasloc/") -> dict[str, float]:
         """The last round's metrics and the run's totals, flat, for a logger."""
@@ -237,15 +192,53 @@ class GASLoC:
         self._report(self.scheduler.finish_all())
         self.consensus.install()
         self.steps_in_round = 0
-        self.scheduler.started = 0
+        self.scheduler.new_round()
 
     # ------------------------------------------------------------ state
+    def identity(self) -> dict[str, Any]:
+        """What a checkpoint of this worker records of its run (``identity.py``)."""
+        return checkpoint_identity(self.config, self.flat, self.rank, self.world_size)
+
     def state_dict(self) -> dict[str, Any]:
         """This rank's GASLoC state (each rank saves its own); exchanges in flight are waited
         for and mixed first, and saved as such, so that a resumed run lands them on time."""
         self.scheduler.settle_all()
-        return engine_state(self)
+        return {"format": STATE_FORMAT, "identity": self.identity(), "round": self.round,
+                "steps_in_round": self.steps_in_round, "inner_step": self.inner_step,
+                "local_steps": self.local_steps.state_dict(), "lost_peers": self.lost.state_dict(),
+                "health": self.health.state_dict(), "totals": self.totals.state_dict(),
+                "fragments": [f.state_dict() for f in self.fragments],
+                "scheduler": self.scheduler.state_dict()}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what ``state_dict`` saved on this same rank of the same run."""
-        restore_engine_state(self, state)
+    def load_state_dict(self, state: dict[str, Any], resized: bool = False) -> None:
+        """Restore what ``state_dict`` saved on this rank of this run (``resized``: saved by a
+        run with another number of workers; the position in the round starts afresh)."""
+        if state.get("format") != STATE_FORMAT:
+            raise ValueError(f"this GASLoC state has format {state.get('format')!r}, not "
+                             f"{STATE_FORMAT}: it was saved by another version of hf_gasloc.")
+        check_resumable(state["identity"], self.identity(), "the GASLoC state", resized)
+        for fragment, saved in zip(self.fragments, state["fragments"], strict=True):
+            fragment.load_state_dict(saved, self.topology.graph)
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.totals.load_state_dict(state["totals"])
+        self.health.load_state_dict(state["health"])
+        self.inner_step = state["inner_step"]
+        if not resized:
+            self.round, self.steps_in_round = state["round"], state["steps_in_round"]
+            self.local_steps.load_state_dict(state["local_steps"])
+            self.lost.load_state_dict(state["lost_peers"])
+
+    def start_round(self, index: int) -> None:
+        """Go on at the start of round ``index`` (a resume on another number of workers)."""
+        self.round, self.steps_in_round = index, 0
+        self.scheduler.new_round()
+        self.local_steps.plan(list(self.topology.graph(index).peers[self.rank]))
+
+    def start_as_new_worker(self) -> None:
+        """A worker that joins with no state of its own: its parameters (the consensus) are its
+        anchor; nothing in flight, no residual, no recovery owed."""
+        for fragment in self.fragments:
+            fragment.reset()
+        self.scheduler.reset()
+        self.health.reset()
+        self.totals = Totals()

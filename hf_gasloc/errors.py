@@ -13,3 +13,7 @@ class NonFiniteError(RuntimeError):
 
 class CheckpointError(ValueError):
     """A GASLoC checkpoint is missing, truncated, or belongs to another run."""
+
+
+class RunMismatchError(ValueError):
+    """Ranks, or a run and the checkpoint it resumes from, disagree on what makes them one run."""

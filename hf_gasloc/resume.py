@@ -1,4 +1,5 @@
-"""Resuming GASLoC workers from a checkpoint, on the same or on another number of workers.
+"""Saving a GASLoC worker into a checkpoint, and resuming it, on the same or another number
+of workers.
 
 Collective: every rank checks its part (the manifest, its own file), the ranks
 share what they found, and either all resume or all raise one error naming
@@ -15,17 +16,35 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from .checkpoint import check_manifest, load_own_file, read_manifest, restore_own_state
 from .engine import GASLoC
-from .errors import CheckpointError
-from .inner import innermost_optimizer
-from .state import restore_engine_state
+from .errors import CheckpointError, RunMismatchError
+from .identity import check_resumable
+from .round.inner import innermost_optimizer
+from .round.outer import average_outer_states
+from .state.checkpoint import load_rank_state, read_manifest, save_rank_state, write_manifest
 
 logger = logging.getLogger(__name__)
+
+
+def save(checkpoint_dir: str | os.PathLike, engine: GASLoC, model: torch.nn.Module,
+         optimizer: torch.optim.Optimizer, step: int) -> Path:
+    """Write this rank's model, inner optimizer and GASLoC state; returns the file. Once every
+    rank has written its file, rank 0 calls ``mark_complete``."""
+    return save_rank_state(checkpoint_dir, engine.rank, {
+        "run_id": engine.run_id, "step": step, "model": model.state_dict(),
+        "optimizer": innermost_optimizer(optimizer).state_dict(), "gasloc": engine.state_dict()})
+
+
+def mark_complete(checkpoint_dir: str | os.PathLike, engine: GASLoC, step: int) -> Path:
+    """Write the manifest (rank 0): the checkpoint is complete."""
+    identity = {k: v for k, v in engine.identity().items() if k != "rank"}
+    return write_manifest(checkpoint_dir, {"run_id": engine.run_id, "step": step,
+                                           "round": engine.round, **identity})
 
 
 def resume(checkpoint_dir: str | os.PathLike, engine: GASLoC, model: torch.nn.Module,
@@ -34,12 +53,18 @@ def resume(checkpoint_dir: str | os.PathLike, engine: GASLoC, model: torch.nn.Mo
     manifest, own, template, problems = None, None, None, []
     try:
         manifest = read_manifest(checkpoint_dir)
-        check_manifest(manifest, checkpoint_dir, engine, step)
+        if step is not None and manifest["step"] != step:
+            raise CheckpointError(
+                f"{checkpoint_dir}/gasloc/manifest.json is of step {manifest['step']} but the "
+                f"Trainer resumes at step {step}: the checkpoint's files come from different "
+                "saves.")
+        check_resumable(manifest, engine.identity(), f"{checkpoint_dir}/gasloc/manifest.json",
+                        resized=True)
         if engine.rank < manifest["world_size"]:
-            own = load_own_file(checkpoint_dir, engine.rank, manifest)
+            own = load_rank_state(checkpoint_dir, engine.rank, manifest)
         else:  # a new worker: rank 0's file gives the outer optimizer state's layout
-            template = load_own_file(checkpoint_dir, 0, manifest)
-    except CheckpointError as error:
+            template = load_rank_state(checkpoint_dir, 0, manifest)
+    except (CheckpointError, RunMismatchError) as error:
         problems.append(str(error))
     everyone = sorted({p for found in engine.comm.all_gather_object(problems) for p in found})
     if everyone:
@@ -47,42 +72,30 @@ def resume(checkpoint_dir: str | os.PathLike, engine: GASLoC, model: torch.nn.Mo
                               + "\n  ".join(everyone))
     engine.run_id = manifest["run_id"]
     if manifest["world_size"] == engine.world_size:
-        restore_own_state(own, engine, model, optimizer)
+        _restore_own(own, engine, model, optimizer, resized=False)
         return "its own state"
     return _resize(engine, model, optimizer, manifest, own, template)
+
+
+def _restore_own(own: dict[str, Any], engine: GASLoC, model: torch.nn.Module,
+                 optimizer: torch.optim.Optimizer, resized: bool) -> None:
+    engine.load_state_dict(own["gasloc"], resized=resized)
+    model.load_state_dict(own["model"])
+    innermost_optimizer(optimizer).load_state_dict(own["optimizer"])
 
 
 @torch.no_grad()
 def _resize(engine: GASLoC, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
             manifest: dict[str, Any], own: dict[str, Any] | None,
             template: dict[str, Any] | None) -> str:
-    saved = own if own is not None else template
-    restore_engine_state(engine, saved["gasloc"], resized=True)
     if own is not None:
-        model.load_state_dict(own["model"])
-        innermost_optimizer(optimizer).load_state_dict(own["optimizer"])
+        _restore_own(own, engine, model, optimizer, resized=True)
     else:  # the consensus that Trainer loaded is this worker's parameters and anchor
-        engine.flat.load_live()
-        engine.flat.set_anchor_from_work()
-        engine.health.load_state_dict({"in_a_row": 0, "recoveries": 0, "last_bad": -2})
-        engine.wire.reset()
-    _average_outer_state(engine, own is not None)
-    engine.round, engine.steps_in_round = manifest["round"], 0
-    engine.local_steps_policy.plan(
-        list(engine.topology.graph(engine.round).peers[engine.rank]))
+        engine.load_state_dict(template["gasloc"], resized=True)
+        engine.start_as_new_worker()
+    average_outer_states([f.outer for f in engine.fragments], engine.comm, own is not None)
+    engine.start_round(manifest["round"])
     logger.warning("GASLoC rank %d: resuming %d workers from a checkpoint of %d at round %d.",
                    engine.rank, engine.world_size, manifest["world_size"], engine.round)
     return ("its own state (resized from %d workers)" % manifest["world_size"] if own is not None
             else "the consensus, with the average outer state (a new worker)")
-
-
-def _average_outer_state(engine: GASLoC, has_own: bool) -> None:
-    """New workers take the mean of the saved workers' outer optimizer state tensors."""
-    tensors = [value for optimizer in engine.outer_optimizers for state in optimizer.state.values()
-               for value in state.values() if torch.is_tensor(value) and value.is_floating_point()]
-    sums = [value.clone() if has_own else torch.zeros_like(value) for value in tensors]
-    count = torch.tensor([float(has_own)], dtype=torch.float64)
-    engine.comm.all_reduce_sum_(sums + [count])
-    if not has_own:
-        for value, total in zip(tensors, sums):
-            value.copy_(total / count.item())

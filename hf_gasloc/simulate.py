@@ -13,12 +13,12 @@ local steps.
   link: ``T_ar = 2 (n-1)/n * M / min_i B_i + 2 (n-1) L``; ``U = t / (t + T_ar)``.
 - **DiLoCo**: the same All-Reduce every ``H`` steps: ``U = H t / (H t + T_ar)``.
 - **GASLoC k-peer** (k = 1 for ``1peer``, 2 for ``2peer``): in round ``r`` worker
-  ``i`` meets its peers ``P_i(r)`` (drawn by ``hf_gasloc.topology`` from the seed).
+  ``i`` meets its peers ``P_i(r)`` (drawn by ``hf_gasloc.schedule.topology`` from the seed).
   Every worker sends its ``k`` messages one after the other over its own link,
   so a worker's part takes ``k M / B_j``, and an exchange ends when its slowest
   participant is done: ``x_i(r) = max_{j in {i} + P_i(r)} k M / B_j + L``.
   Each worker takes ``H_i(r) = clamp(round(H - (x_i(r) - x_fast) / t), 1, H)``
-  steps, ``x_fast = k M / max_j B_j + L`` (``hf_gasloc.adaptive.adapted_steps``, the rule the engine uses),
+  steps, ``x_fast = k M / max_j B_j + L`` (``hf_gasloc.schedule.adaptive.adapted_steps``, the rule the engine uses),
   so the round takes ``R(r) = max_i (H_i(r) t + x_i(r))`` and
   ``U = sum_r sum_i H_i(r) t / (n sum_r R(r))`` over ``--rounds`` rounds.
   With ``--fixed`` every ``H_i = H`` instead.
@@ -34,8 +34,8 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-from .adaptive import adapted_steps
-from .topology import build_topology
+from .schedule.adaptive import adapted_steps
+from .schedule.topology import build_topology
 
 GBIT = 1e9 / 8  # bytes per second in one Gbit/s
 

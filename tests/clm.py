@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, TrainingArguments
 
-from hf_gasloc.data import load_text_dataset, pack_into_blocks
+from hf_gasloc.integrations.data import load_text_dataset, pack_into_blocks
 
 DATA = Path(__file__).resolve().parents[1] / "examples" / "data"
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from hf_gasloc import GASLoC, GASLoCConfig
-from hf_gasloc.adaptive import AdaptiveLocalSteps, Auto
-from hf_gasloc.local_steps import FixedLocalSteps
+from hf_gasloc.schedule.adaptive import AdaptiveLocalSteps, Auto
+from hf_gasloc.schedule.local_steps import FixedLocalSteps
 
 from .distributed import run_ranks
 from .workers import TinyNet, local_step
@@ -72,7 +72,7 @@ def _slow_worker(rank, world_size, topology, slow_rank, delay):
     restored = GASLoC(TinyNet(), None, topology=topology, local_steps="auto:10", seed=2)
     restored.load_state_dict(state)
     same = (restored.round_length == engine.round_length
-            and restored.local_steps_policy.state_dict() == engine.local_steps_policy.state_dict())
+            and restored.local_steps.state_dict() == engine.local_steps.state_dict())
     return history, met_slow, same
 
 
@@ -91,7 +91,7 @@ def test_workers_meeting_a_slow_link_take_fewer_steps():
 
 def _complete(rank, world_size):
     engine = GASLoC(TinyNet(), None, topology="complete", local_steps="auto:10")
-    return engine.local_steps_policy, engine.round_length
+    return engine.local_steps, engine.round_length
 
 
 def test_on_a_complete_graph_nobody_adapts():

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from hf_gasloc import GASLoC
-from hf_gasloc.codec import BlockInt8Codec, make_codec
+from hf_gasloc.wire.codec import BlockInt8Codec, make_codec
 
 from .distributed import run_ranks
 from .workers import (DiLoCoReference, TinyNet, flat, gather, load_training, local_step, mean,
@@ -82,16 +82,16 @@ def _complete_with_codec_is_diloco_with_codec(rank, world_size):
             # continuous, so a rounding difference of 1e-9 in one round could flip a code in
             # the next; one round must match, from anchor, momentum and residual alike.
             reference.anchor = flat(model)
-            momentum = engine.outer_optimizer.state[engine.flat.anchors[0]]
+            momentum = engine.fragments[0].outer.optimizer.state[engine.flat.anchors[0]]
             reference.buffer = momentum["momentum_buffer"].clone() if momentum else 0 * flat(model)
-            quantize.residual = engine.wire.residuals[0].clone()
+            quantize.residual = engine.fragments[0].wire.residuals[0].clone()
             for step in range(3):
                 local_step(model, inner, rank, round_index * 3 + step)
             decoded = quantize(reference.anchor - flat(model))  # this rank's payload, decoded
             expected = reference.step(mean(gather(decoded)))
             engine.outer_step()
             worst = max(worst, float((flat(model) - expected).abs().max()))
-            assert torch.equal(quantize.residual, engine.wire.residuals[0])
+            assert torch.equal(quantize.residual, engine.fragments[0].wire.residuals[0])
         errors[name] = worst
         sent[name] = (engine.last_round.bytes_sent, engine.last_round.encode_seconds)
     return errors, sent, flat(model).numel()
@@ -112,7 +112,7 @@ def _sparse_mean_follows_diloco(rank, world_size, payload):
     inner = torch.optim.SGD(model.parameters(), lr=0.05)
     engine = GASLoC(model, None, topology="2peer", payload=payload, local_steps=3, seed=11)
     worst, spread = mean_anchor_against_diloco(model, inner, engine, rank, 6, 3)
-    wire = engine.wire.messages[0].numel()
+    wire = engine.fragments[0].wire.messages[0].numel()
     return worst, spread, engine.last_round.bytes_sent, wire, len(engine.topology.graph(5).peers[rank])
 
 
@@ -133,7 +133,7 @@ def _resume_with_residuals(rank, world_size, folder):
         if resume:
             load_training(model, inner, engine, checkpoint)
         train_rounds(model, inner, engine, rank, rounds, save_to=None if resume else checkpoint)
-        return flat(model), engine.wire.residuals[0].abs().sum()
+        return flat(model), engine.fragments[0].wire.residuals[0].abs().sum()
     uninterrupted, residual = run(6)
     resumed, _ = run(6, resume=True)
     return uninterrupted, resumed, float(residual)

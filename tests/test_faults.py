@@ -271,7 +271,7 @@ class FirstStep(TrainerCallback):
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         if self.seen is None:
-            momentum = self.callback.engine.outer_optimizer.state
+            momentum = self.callback.engine.fragments[0].outer.optimizer.state
             self.seen = (flat(model), [s["momentum_buffer"].clone() for s in momentum.values()])
 
 
@@ -307,12 +307,12 @@ def test_resuming_on_more_workers_keeps_old_states_and_starts_new_ones_from_the_
         model = tiny_llama()
         model.load_state_dict(saved[rank]["model"])
         assert torch.equal(own, flat(model))
-        buffer = saved[rank]["gasloc"]["outer_optimizers"][0]["state"][0]["momentum_buffer"]
+        buffer = saved[rank]["gasloc"]["fragments"][0]["outer"]["state"][0]["momentum_buffer"]
         assert torch.equal(momentum[0], buffer)
     own, momentum, finals, rounds = results[2]  # the new worker
     model = tiny_llama()
     model.load_state_dict(consensus, strict=False)
     assert torch.equal(own, flat(model))
-    average = sum(s["gasloc"]["outer_optimizers"][0]["state"][0]["momentum_buffer"] for s in saved) / 2
+    average = sum(s["gasloc"]["fragments"][0]["outer"]["state"][0]["momentum_buffer"] for s in saved) / 2
     assert torch.allclose(momentum[0], average, atol=1e-7)
     assert rounds == 4 and all(torch.equal(f, finals[0]) for f in finals)

@@ -5,7 +5,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from hf_gasloc import GASLoC
-from hf_gasloc.ddp import disable_gradient_sync
+from hf_gasloc.integrations.ddp import disable_gradient_sync
 
 from .distributed import count_collectives, run_ranks
 from .workers import (DiLoCoReference, TinyNet, flat, gather, load_training, local_step, mean,

@@ -6,7 +6,7 @@ import torch
 from transformers import Trainer
 
 from hf_gasloc import GASLoC, GASLoCCallback
-from hf_gasloc.fragments import split_fragments, start_steps
+from hf_gasloc.schedule.fragments import split_fragments, start_steps
 
 from .clm import blocks, tiny_llama, training_arguments
 from .distributed import run_ranks
@@ -83,7 +83,7 @@ def _fragments_on_the_complete_graph(rank, world_size):
                 x = fragment(after_inner[-1], f)
                 expected = references[f].step(mean(gather(references[f].anchor - x)))
                 worst = max(worst, float((fragment(params, f) - expected).abs().max()))
-    sizes = [w.messages[0].numel() for w in engine.wires]
+    sizes = [w.messages[0].numel() for w in (f.wire for f in engine.fragments)]
     return worst, sizes, sum(p.numel() for p in params)
 
 

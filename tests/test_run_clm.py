@@ -13,8 +13,8 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from hf_gasloc.ddp import disable_gradient_sync
-from hf_gasloc.trainer import _calling_trainer
+from hf_gasloc.integrations.ddp import disable_gradient_sync
+from hf_gasloc.integrations.trainer import _calling_trainer
 
 from .distributed import run_ranks
 

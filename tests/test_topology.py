@@ -4,7 +4,7 @@ import itertools
 
 import pytest
 
-from hf_gasloc.topology import TOPOLOGIES, build_topology
+from hf_gasloc.schedule.topology import TOPOLOGIES, build_topology
 
 SPARSE = ("1peer", "2peer", "ring", "exponential")
 

@@ -200,7 +200,7 @@ def test_single_process_warns_and_trains_normally(tmp_path, caplog, monkeypatch)
     train, _ = blocks(train_blocks=8)
     trainer = Trainer(model=tiny_llama(), args=training_arguments(str(tmp_path), max_steps=2),
                       train_dataset=train, callbacks=[GASLoCCallback(topology="1peer")])
-    with caplog.at_level(logging.WARNING, logger="hf_gasloc.trainer"):
+    with caplog.at_level(logging.WARNING, logger="hf_gasloc.integrations.trainer"):
         trainer.train()
     assert "single-process run trains normally" in caplog.text
     assert trainer.state.global_step == 2

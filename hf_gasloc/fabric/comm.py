@@ -1,4 +1,4 @@
-"""The engine's one door to ``torch.distributed``: rank, world size, staging, and every transfer.
+"""One worker's door to ``torch.distributed``: rank, world size, staging, and every transfer.
 
 Everything the engine sends goes through a ``Comm``: the start-up agreement and
 broadcast and the consensus All-Reduces (on the caller's process group), and
@@ -27,9 +27,7 @@ import torch.distributed as dist
 from ..errors import PeerLostError
 from .liveness import Liveness
 from .point_to_point import PointToPoint
-from .waiting import Arrival, PendingSwap
-
-__all__ = ["Arrival", "Comm", "PendingSwap"]
+from .waiting import Arrival
 
 OUT_OF_REACH = timedelta(days=30)  # gloo's own timeout: our deadlines come first
 
@@ -160,9 +158,3 @@ class Comm(PointToPoint):
 
     def set_group_timeout(self, timeout: timedelta) -> None:
         dist.distributed_c10d._set_pg_timeout(timeout, self.group)
-
-    def clock(self, device: torch.device) -> float:
-        """Wall time, after the device's queued work is done."""
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 
-import torch
+from ..errors import PeerLostError
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,6 @@ class LostPeers:
     def check_not_isolated(self) -> None:
         others = [r for r in range(len(self.flags)) if r != self.rank]
         if others and all(self.flags[r] for r in others):
-            from .errors import PeerLostError
             raise PeerLostError(
                 f"GASLoC {self.describe(self.rank)}: every other worker stopped answering ("
                 + ", ".join(f"{self.describe(r)} in {self.when[r]}" for r in others)
@@ -71,16 +70,3 @@ class LostPeers:
     def load_state_dict(self, state: dict) -> None:
         self.flags, self.when = list(state["flags"]), dict(state["when"])
 
-
-def header_tensor(round_index: int, healthy: bool, lost: LostPeers,
-                  table: torch.Tensor | None) -> torch.Tensor:
-    """What rides ahead of every message: round, health, lost flags, and the ``H_i`` table."""
-    values = [float(round_index), float(healthy), *lost.as_floats()]
-    header = torch.tensor(values, dtype=torch.float64)
-    return header if table is None else torch.cat([header, table])
-
-
-def read_header(header: torch.Tensor, world_size: int) -> tuple[int, bool, list[bool], torch.Tensor]:
-    round_index, healthy = int(header[0]), bool(header[1])
-    flags = [bool(f) for f in header[2 : 2 + world_size].tolist()]
-    return round_index, healthy, flags, header[2 + world_size :]

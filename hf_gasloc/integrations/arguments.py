@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import field, fields, make_dataclass
 from typing import Optional
 
-from .config import GASLoCConfig
+from ..config import GASLoCConfig
 from .plugin import GASLoCPlugin
 
 PREFIX = "gasloc_"

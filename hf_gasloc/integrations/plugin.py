@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import GASLoCConfig
+from ..config import GASLoCConfig
 from .ddp import disable_gradient_sync
-from .engine import GASLoC
+from ..engine import GASLoC
 
 _SHARDED = ("DEEPSPEED", "FSDP", "MEGATRON_LM", "XLA")
 

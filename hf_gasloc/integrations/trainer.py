@@ -1,6 +1,6 @@
 """``GASLoCCallback``: GASLoC for any Hugging Face ``Trainer`` script, in one line.
 
-    trainer.add_callback(GASLoCCallback(topology="2peer", local_steps=30))
+    GASLoCCallback(topology="2peer", local_steps=30).bind(trainer)
 
 What it does, on every rank:
 
@@ -19,11 +19,15 @@ What it does, on every rank:
   ``trainer.evaluate()`` / ``trainer.save_model()`` uses it.
 
 Callback events receive neither the Trainer nor its DDP wrapper, so the callback
-finds the ``Trainer`` that calls it on the call stack, once, at ``on_train_begin``.
+is bound to its Trainer: ``bind(trainer)`` adds it and learns the checkpoint
+that ``trainer.train(resume_from_checkpoint=...)`` resumes from. A callback
+added with ``trainer.add_callback`` alone finds its Trainer on the call stack
+instead, with a warning.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import os
@@ -35,16 +39,16 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import DefaultFlowCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from transformers.training_args import ParallelMode
 
-from .checkpoint import complete_checkpoints, save_rank_state, write_manifest
-from .elastic import resume
-from .errors import PeerLostError
-from .model_card import card_section, record_in_model_card
-from .config import GASLoCConfig
+from ..config import GASLoCConfig
+from ..engine import GASLoC
+from ..errors import PeerLostError
+from ..resume import mark_complete, resume, save
+from ..state.checkpoint import complete_checkpoints
 from .ddp import disable_gradient_sync
-from .engine import GASLoC
+from .model_card import card_section, record_in_model_card
 from .plugin import GASLoCPlugin
 
 logger = logging.getLogger(__name__)
@@ -61,11 +65,60 @@ class GASLoCCallback(TrainerCallback):
         if plugin is not None and settings:
             raise ValueError("give GASLoCCallback either a plugin or keyword settings, not both.")
         self.plugin = plugin if plugin is not None else GASLoCPlugin(**settings)
+        self.trainer: Trainer | None = None
+        self._resume_from: str | bool | None = None
         self.engine: GASLoC | None = None
         self._model: torch.nn.Module | None = None
         self._optimizer: torch.optim.Optimizer | None = None
         self._own_parameters: list[list[torch.Tensor]] | None = None
         self._replaced_timeout = None
+
+    # ------------------------------------------------------------------ bind
+    def bind(self, trainer: Trainer) -> "GASLoCCallback":
+        """Run GASLoC in ``trainer``: adds this callback to it and learns the checkpoint that
+        ``trainer.train(resume_from_checkpoint=...)`` resumes from. Returns the callback."""
+        if self.trainer is not None and self.trainer is not trainer:
+            raise ValueError("this GASLoCCallback is already bound to another Trainer; make one "
+                             "callback per Trainer.")
+        if self.trainer is None:
+            self.trainer = trainer
+            if self not in trainer.callback_handler.callbacks:
+                trainer.add_callback(self)
+            train = trainer.train
+
+            @functools.wraps(train)
+            def train_and_remember(resume_from_checkpoint=None, *args, **kwargs):
+                self._resume_from = resume_from_checkpoint
+                return train(resume_from_checkpoint, *args, **kwargs)
+
+            trainer.train = train_and_remember
+            record_in_model_card(trainer, self._card_section)
+        return self
+
+    def _card_section(self) -> str:
+        if self.engine is None:
+            return ""
+        return card_section(self.engine.config.to_dict(), self.engine.world_size,
+                            self.engine.metrics())
+
+    def _bound_trainer(self) -> Trainer:
+        if self.trainer is None:
+            trainer, resume_from = _calling_trainer()
+            logger.warning(
+                "GASLoCCallback was added without bind(): it found its Trainer on the call stack. "
+                "Write GASLoCCallback(...).bind(trainer) instead of trainer.add_callback(...), so "
+                "that an explicit resume_from_checkpoint is always found.")
+            self.bind(trainer)
+            self._resume_from = resume_from
+        return self.trainer
+
+    def _checkpoint_to_resume(self, args, state) -> str:
+        """The folder ``trainer.train`` resumes from (this rank's GASLoC state is in it)."""
+        if isinstance(self._resume_from, str):
+            return self._resume_from
+        if self._resume_from is True:
+            return get_last_checkpoint(args.output_dir)
+        return os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
 
     # ---------------------------------------------------------------- start
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
@@ -74,7 +127,7 @@ class GASLoCCallback(TrainerCallback):
             self.engine = None
         if not self.plugin.enabled or not self._distributed(args):
             return
-        trainer, resume_from = _calling_trainer()
+        trainer = self._bound_trainer()
         wrapped = trainer.model_wrapped
         if not isinstance(wrapped, DistributedDataParallel) and wrapped is not model:
             raise RuntimeError(
@@ -84,16 +137,12 @@ class GASLoCCallback(TrainerCallback):
         disable_gradient_sync(wrapped)
         self._stop_step_collectives(trainer)
         self._run_before_reporters(trainer)
-        record_in_model_card(trainer, lambda: card_section(
-            self.engine.config.to_dict(), self.engine.world_size, self.engine.metrics()))
         self._model, self._optimizer = model, optimizer
         self.engine = GASLoC(model, optimizer, self.plugin)
         # Trainer's own collectives (logging gathers, evaluation, saving) get the same deadline.
         self._replaced_timeout = self.engine.comm.bound_group_timeout()
         if state.global_step > 0:
-            checkpoint = resume_from or os.path.join(
-                args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-            )
+            checkpoint = self._checkpoint_to_resume(args, state)
             how = resume(checkpoint, self.engine, model, optimizer, state.global_step)
             logger.info("GASLoC: rank %d resumed from %s with %s", self.engine.rank, checkpoint, how)
 
@@ -179,10 +228,10 @@ class GASLoCCallback(TrainerCallback):
             return
         self._restore_own_parameters()
         folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-        save_rank_state(folder, self.engine, self._model, self._optimizer, state.global_step)
-        dist.barrier(group=self.engine.group)  # every rank's file is complete before going on
+        save(folder, self.engine, self._model, self._optimizer, state.global_step)
+        dist.barrier(group=self.engine.comm.group)  # every rank's file is complete before going on
         if self.engine.rank == 0:
-            write_manifest(folder, self.engine, state.global_step)
+            mark_complete(folder, self.engine, state.global_step)
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.engine is None:
@@ -215,7 +264,8 @@ class GASLoCCallback(TrainerCallback):
 
 
 def _calling_trainer() -> tuple[Trainer, str | None]:
-    """The Trainer whose event is running, and the checkpoint it resumes from, if any."""
+    """The Trainer whose event is running, and the checkpoint it resumes from, if any (the
+    fallback of a callback that was not bound)."""
     trainer, resume_from = None, None
     frame = inspect.currentframe()
     while frame is not None:

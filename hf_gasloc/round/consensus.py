@@ -13,11 +13,10 @@ from typing import Iterator
 
 import torch
 
-from .comm import Comm
-from .errors import NonFiniteError, PeerLostError
-from .flat import FlatModel
+from ..errors import NonFiniteError, PeerLostError
+from ..fabric import Comm, LostPeers
+from ..state.flat import FlatModel
 from .health import all_finite
-from .peers import LostPeers
 
 
 class Consensus:

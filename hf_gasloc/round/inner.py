@@ -15,28 +15,6 @@ def innermost_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimiz
     return optimizer
 
 
-@torch.no_grad()
-def reset_nonfinite_state(optimizer: torch.optim.Optimizer) -> int:
-    """Start afresh the state of every parameter whose state holds a NaN or an inf.
-
-    Its floating-point state tensors (AdamW's moments) are zeroed and its step
-    count set to 0, as for a parameter the optimizer has not stepped yet.
-    Returns how many parameters were reset.
-    """
-    reset = 0
-    for state in innermost_optimizer(optimizer).state.values():
-        tensors = [v for v in state.values() if torch.is_tensor(v) and v.is_floating_point()]
-        if all(bool(torch.isfinite(t).all()) for t in tensors):
-            continue
-        for key, value in state.items():
-            if torch.is_tensor(value) and value.is_floating_point():
-                value.zero_()
-            elif key == "step":
-                state[key] = 0
-        reset += 1
-    return reset
-
-
 class InnerStepHook:
     """Calls ``callback`` after every real step of one inner optimizer at a time.
 
@@ -49,10 +27,6 @@ class InnerStepHook:
         self._callback = callback
         self._handle: RemovableHandle | None = None
         self.optimizer: torch.optim.Optimizer | None = None
-
-    @property
-    def attached(self) -> bool:
-        return self._handle is not None
 
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
         if self._handle is not None:

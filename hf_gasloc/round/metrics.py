@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 
@@ -49,6 +50,13 @@ class Totals:
         self.inner_steps += metrics.inner_steps
         self.bytes_sent += metrics.bytes_sent
         self.comm_seconds += metrics.comm_seconds
+
+    def state_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
 
 
 def as_log(metrics: RoundMetrics | None, totals: Totals, prefix: str = "gasloc/") -> dict[str, float]:

@@ -15,7 +15,7 @@ from typing import Any, Callable, Union
 
 import torch
 
-from .values import number
+from ..values import number
 
 OUTER_OPTIMIZERS = ("sgd", "sgdm", "nesterov", "iterate_momentum")
 OUTER_OPTIMIZER_HELP = (
@@ -79,12 +79,55 @@ def describe_outer_optimizer(spec: OuterOptimizer) -> Any:
     return repr(spec)
 
 
-def build_outer_optimizer(
-    spec: OuterOptimizer, lr: float, momentum: float | None, anchors: list[torch.Tensor]
-) -> torch.optim.Optimizer:
-    """The optimizer that steps ``anchors`` with the outer gradient in their ``.grad``."""
+class OuterRule:
+    """The outer step of one fragment: a ``torch.optim`` optimizer on its fp32 anchors, which
+    finds the outer gradient ``G = (a - z_hat) / eta`` in their ``.grad``."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        self.optimizer = optimizer
+
+    @property
+    def eta(self) -> float:
+        """The outer learning rate of the coming round (a schedule may change it)."""
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def observe_proposal(self, proposals: list[torch.Tensor] | None) -> None:
+        """The round's proposal ``z`` (``None``: not finite); a rule on the anchor ignores it."""
+
+    def step(self) -> None:
+        self.optimizer.step()
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state)
+
+    def state_tensors(self) -> list[torch.Tensor]:
+        """The floating-point state tensors (momentum buffers), in a fixed order."""
+        return [value for state in self.optimizer.state.values() for value in state.values()
+                if torch.is_tensor(value) and value.is_floating_point()]
+
+
+class ProposalMomentumRule(OuterRule):
+    """``iterate_momentum``: the rule keeps its momentum on the proposals it observes."""
+
+    optimizer: "IterateMomentum"
+
+    def observe_proposal(self, proposals: list[torch.Tensor] | None) -> None:
+        self.optimizer.observe_proposal(proposals)
+
+
+def build_outer_rule(spec: OuterOptimizer, lr: float, momentum: float | None,
+                     anchors: list[torch.Tensor]) -> OuterRule:
+    """The rule that steps ``anchors`` with the outer gradient in their ``.grad``."""
     if spec == "iterate_momentum":
-        return IterateMomentum(anchors, lr=lr, momentum=momentum)
+        return ProposalMomentumRule(IterateMomentum(anchors, lr=lr, momentum=momentum))
+    return OuterRule(_torch_optimizer(spec, lr, momentum, anchors))
+
+
+def _torch_optimizer(spec: OuterOptimizer, lr: float, momentum: float | None,
+                     anchors: list[torch.Tensor]) -> torch.optim.Optimizer:
     if isinstance(spec, str):
         # foreach: Nesterov adds the momentum into the gradient in place; the default on CPU
         # makes a model-sized temporary every round (same values, measured: docs/benchmarks.md).
@@ -149,3 +192,16 @@ class IterateMomentum(torch.optim.Optimizer):
                     state["previous"] = current.clone()
                 else:
                     previous.copy_(current)
+
+
+@torch.no_grad()
+def average_outer_states(rules: list[OuterRule], comm, contribute: bool) -> None:
+    """Collective: the workers that do not ``contribute`` (new ones) take the mean of the
+    others' outer state tensors (their momentum), which keep their own."""
+    tensors = [t for rule in rules for t in rule.state_tensors()]
+    sums = [t.clone() if contribute else torch.zeros_like(t) for t in tensors]
+    count = torch.tensor([float(contribute)], dtype=torch.float64)
+    comm.all_reduce_sum_(sums + [count])
+    if not contribute:
+        for value, total in zip(tensors, sums):
+            value.copy_(total / count.item())

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
-from .fragments import start_steps
+from ..schedule.fragments import start_steps
+from .fragment import Fragment, FragmentReport, Posted, RoundPlan
 from .metrics import RoundMetrics
-from .pipeline import OuterStep, Round
 
 
 @dataclass
@@ -24,7 +25,7 @@ class InFlight:
     """One fragment's round between its start and its finish."""
 
     fragment: int
-    round: Round
+    posted: Posted
     finish_at: int  # the inner step (counted over the run) at which it finishes
 
 
@@ -35,7 +36,7 @@ class RoundReport:
     index: int
     inner_steps: int
     expected: int  # fragments to finish before the round is complete
-    fragments: list[Round] = field(default_factory=list)
+    fragments: list[FragmentReport] = field(default_factory=list)
     blocked_seconds: float = 0.0
 
     def metrics(self) -> RoundMetrics:
@@ -61,28 +62,33 @@ class RoundReport:
 class RoundScheduler:
     """Starts and finishes the fragments' rounds as the inner steps come."""
 
-    def __init__(self, pipelines: list[OuterStep], delay: int):
-        self.pipelines, self.delay = pipelines, delay
-        self.in_flight: list[InFlight] = []
-        self.reports: dict[int, RoundReport] = {}
-        self.started = 0  # fragments started in the round in progress
+    def __init__(self, fragments: list[Fragment], delay: int):
+        self.fragments, self.delay = fragments, delay
+        self.reset()
 
     def due(self, steps_in_round: int, round_length: int) -> list[int]:
         """The fragments that start at this step of the round."""
-        starts = start_steps(round_length, len(self.pipelines))
+        starts = start_steps(round_length, len(self.fragments))
         return [f for f in range(self.started, len(starts)) if starts[f] <= steps_in_round]
 
-    def start(self, fragment: int, round_: Round, step: int) -> None:
+    def not_started(self) -> list[int]:
+        """The fragments that have not started in the round in progress."""
+        return list(range(self.started, len(self.fragments)))
+
+    def start(self, fragment: int, plan: RoundPlan, step: int) -> list[RoundMetrics]:
+        """Start ``fragment``'s round (its previous round lands first if still in flight);
+        returns the rounds this completed."""
         began = time.perf_counter()
-        earlier = [flight for flight in self.in_flight if flight.fragment == fragment]
-        for flight in earlier:  # still in flight from the last round: it lands first
-            self.finish(flight)
-        self.pipelines[fragment].start(round_)
-        self.in_flight.append(InFlight(fragment, round_, step + self.delay))
-        report = self.reports.setdefault(round_.index, RoundReport(
-            round_.index, round_.inner_steps, len(self.pipelines)))
+        done = []
+        for flight in [f for f in self.in_flight if f.fragment == fragment]:
+            done += self.finish(flight)
+        posted = self.fragments[fragment].start(plan)
+        self.in_flight.append(InFlight(fragment, posted, step + self.delay))
+        report = self.reports.setdefault(plan.index, RoundReport(
+            plan.index, plan.inner_steps, len(self.fragments)))
         report.blocked_seconds += time.perf_counter() - began
         self.started += 1
+        return done
 
     def finish_due(self, step: int) -> list[RoundMetrics]:
         """Finish what is due at inner step ``step``; returns the rounds now complete."""
@@ -93,14 +99,14 @@ class RoundScheduler:
 
     def finish(self, flight: InFlight) -> list[RoundMetrics]:
         began = time.perf_counter()
-        self.pipelines[flight.fragment].finish(flight.round)
+        fragment_report = self.fragments[flight.fragment].finish(flight.posted)
         self.in_flight.remove(flight)
-        report = self.reports[flight.round.index]
+        report = self.reports[flight.posted.plan.index]
         report.blocked_seconds += time.perf_counter() - began
-        report.fragments.append(flight.round)
+        report.fragments.append(fragment_report)
         if len(report.fragments) < report.expected:
             return []
-        del self.reports[flight.round.index]
+        del self.reports[flight.posted.plan.index]
         return [report.metrics()]
 
     def finish_all(self) -> list[RoundMetrics]:
@@ -112,4 +118,33 @@ class RoundScheduler:
     def settle_all(self) -> None:
         """Wait for every exchange in flight and mix it, without applying it (for a checkpoint)."""
         for flight in self.in_flight:
-            self.pipelines[flight.fragment].settle(flight.round)
+            self.fragments[flight.fragment].settle(flight.posted)
+
+    def new_round(self) -> None:
+        self.started = 0
+
+    # ----------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        """Where the round stands; the rounds in flight themselves are their fragments'."""
+        return {"started": self.started,
+                "in_flight": [{"fragment": f.fragment, "finish_at": f.finish_at}
+                              for f in self.in_flight]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore after the fragments restored their rounds in flight; a round's metrics count
+        its fragments from here."""
+        self.reset()
+        self.started = state["started"]
+        for saved in state["in_flight"]:
+            posted = self.fragments[saved["fragment"]].posted
+            self.in_flight.append(InFlight(saved["fragment"], posted, saved["finish_at"]))
+            plan = posted.plan
+            report = self.reports.setdefault(plan.index, RoundReport(plan.index,
+                                                                     plan.inner_steps, 0))
+            report.expected += 1
+
+    def reset(self) -> None:
+        """No round in flight, none started."""
+        self.in_flight: list[InFlight] = []
+        self.reports: dict[int, RoundReport] = {}
+        self.started = 0

@@ -15,7 +15,7 @@ from typing import Iterable
 
 import torch
 
-from .flat import trainable_parameters
+from ..state.flat import trainable_parameters
 
 
 def _layers(model: torch.nn.Module | Iterable[torch.Tensor]) -> list[list[torch.Tensor]]:

@@ -6,8 +6,8 @@ checkpoint folder (to a temporary name, then renamed: a crash mid-write never
 leaves a truncated file under the final name). Once every rank's file is
 written, rank 0 writes ``gasloc/manifest.json``: a checkpoint without it is
 incomplete. Every file carries the run's id and the step, so a file from
-another run or another step is an error that names it. Resuming on a different
-number of workers is ``elastic.py``'s job.
+another run or another step is an error that names it. What the files hold is
+their callers' (``resume.py``); this module only writes and reads them.
 """
 
 from __future__ import annotations
@@ -21,9 +21,7 @@ from typing import Any
 
 import torch
 
-from .engine import GASLoC
-from .errors import CheckpointError
-from .inner import innermost_optimizer
+from ..errors import CheckpointError
 
 logger = logging.getLogger(__name__)
 
@@ -39,29 +37,18 @@ def manifest_path(checkpoint_dir: str | os.PathLike) -> Path:
     return Path(checkpoint_dir) / FOLDER / MANIFEST
 
 
-def save_rank_state(checkpoint_dir: str | os.PathLike, engine: GASLoC, model: torch.nn.Module,
-                    optimizer: torch.optim.Optimizer, step: int) -> Path:
-    """Write this rank's model, inner optimizer and GASLoC state; return the file."""
-    path = rank_state_path(checkpoint_dir, engine.rank)
+def save_rank_state(checkpoint_dir: str | os.PathLike, rank: int, state: dict[str, Any]) -> Path:
+    """Write this rank's state (with its ``run_id`` and ``step``) atomically; return the file."""
+    path = rank_state_path(checkpoint_dir, rank)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {
-        "run_id": engine.run_id,
-        "step": step,
-        "model": model.state_dict(),
-        "optimizer": innermost_optimizer(optimizer).state_dict(),
-        "gasloc": engine.state_dict(),
-    }
     partial = path.with_suffix(".pt.partial")
     torch.save(state, partial)
     os.replace(partial, path)
     return path
 
 
-def write_manifest(checkpoint_dir: str | os.PathLike, engine: GASLoC, step: int) -> Path:
+def write_manifest(checkpoint_dir: str | os.PathLike, manifest: dict[str, Any]) -> Path:
     """Mark the checkpoint complete (rank 0, after every rank wrote its file)."""
-    manifest = {"run_id": engine.run_id, "step": step, "world_size": engine.world_size,
-                "round": engine.round, "topology": engine.config.topology,
-                "seed": engine.config.seed, "parameters": engine.flat.shapes()}
     path = manifest_path(checkpoint_dir)
     partial = path.with_suffix(".json.partial")
     partial.write_text(json.dumps(manifest, indent=1))
@@ -83,24 +70,7 @@ def read_manifest(checkpoint_dir: str | os.PathLike) -> dict[str, Any]:
                               "checkpoint.") from None
 
 
-def check_manifest(manifest: dict[str, Any], checkpoint_dir: str | os.PathLike,
-                   engine: GASLoC, step: int | None) -> None:
-    """The checkpoint must be of this step and of a run with the same graphs and model."""
-    path = manifest_path(checkpoint_dir)
-    if step is not None and manifest["step"] != step:
-        raise CheckpointError(f"{path} is of step {manifest['step']} but the Trainer resumes at "
-                              f"step {step}: the checkpoint's files come from different saves.")
-    ours = {"topology": engine.config.topology, "seed": engine.config.seed,
-            "parameters": [list(p) for p in engine.flat.shapes()]}
-    for key, value in ours.items():
-        saved = manifest[key] if key != "parameters" else [list(p) for p in manifest[key]]
-        if saved != value:
-            raise CheckpointError(
-                f"{path} was saved with {key}={saved!r} but this run has {key}={value!r}: it is a "
-                "checkpoint of another run. Resume with that run's settings, or start afresh.")
-
-
-def load_own_file(checkpoint_dir: str | os.PathLike, rank: int,
+def load_rank_state(checkpoint_dir: str | os.PathLike, rank: int,
                   manifest: dict[str, Any]) -> dict[str, Any]:
     """Read ``gasloc/rank<rank>.pt`` and check that it belongs to the manifest's run and step."""
     path = rank_state_path(checkpoint_dir, rank)
@@ -121,13 +91,6 @@ def load_own_file(checkpoint_dir: str | os.PathLike, rank: int,
             f"than {manifest_path(checkpoint_dir)} (run {manifest['run_id']}, step "
             f"{manifest['step']}); resume from a checkpoint whose files were saved together.")
     return state
-
-
-def restore_own_state(state: dict[str, Any], engine: GASLoC, model: torch.nn.Module,
-                      optimizer: torch.optim.Optimizer) -> None:
-    engine.load_state_dict(state["gasloc"])
-    model.load_state_dict(state["model"])
-    innermost_optimizer(optimizer).load_state_dict(state["optimizer"])
 
 
 def complete_checkpoints(output_dir: str | os.PathLike, gasloc: bool = True) -> list[Path]:

@@ -25,103 +25,84 @@ import time
 
 import torch
 
-from .comm import Arrival, Comm
-from .exchange import size_of
-from .flat import FlatModel, views_of
+from ..state.flat import FlatModel, views_of
 from .codec import make_codec
-from .wires import NativeWire, Received, average_values, mix_differences
+from .mixing import Mixing
+from .native import NativeWire
 
 
-class CodecWire:
+class CodecWire(Mixing):
     """A codec on the wire, with error feedback (one residual per dtype group)."""
 
-    def __init__(self, flat: FlatModel, comm: Comm, codec, form: str):
-        self.flat, self.comm, self.codec, self.form = flat, comm, codec, form
-        self.device = comm.staging_device(flat.device)
+    collective = "all_gather"  # encoded payloads cannot be summed in transit
+
+    def __init__(self, flat: FlatModel, device: torch.device, codec, form: str):
+        super().__init__()
+        self.flat, self.codec, self.form = flat, codec, form
         works = flat.works
         self.messages = [torch.zeros(codec.wire_bytes(w.numel()), dtype=torch.uint8,
-                                     device=self.device) for w in works]
+                                     device=device) for w in works]
         self.residuals = [torch.zeros_like(w) for w in works]
-        self._own = [torch.empty_like(w) for w in works]  # v, then D(q_i)
-        self._own_views = [views_of(own, g.params) for own, g in zip(self._own, flat.groups)]
+        self._sent = [torch.empty_like(w) for w in works]  # v, then D(q_i)
+        self._sent_views = [views_of(sent, g.params) for sent, g in zip(self._sent, flat.groups)]
         self._decoded: dict[tuple[int, int], torch.Tensor] = {}
-        self._gathered: list[list[torch.Tensor]] = []
-        self._scale = 1.0
+        self._eta = 1.0
         self.encode_seconds = 0.0
 
     # ---------------------------------------------------------------- encode
     def encode(self, healthy: bool, eta: float) -> None:
         """``q = Q(v + r)``, ``r <- v + r - D(q)``; zeros when the proposal is not finite."""
         start = time.perf_counter()
-        self._scale = 1.0 if self.form == "proposal" else -eta
-        for g, wire, own, views, residual in zip(self.flat.groups, self.messages, self._own,
-                                                 self._own_views, self.residuals):
+        self._eta = eta
+        for g, wire, sent, views, residual in zip(self.flat.groups, self.messages, self._sent,
+                                                  self._sent_views, self.residuals):
             if not healthy:  # a non-finite proposal never leaves this worker; r is kept
                 wire.zero_()
-                own.zero_()
+                sent.zero_()
                 continue
             if self.form == "proposal":
-                own.copy_(g.work)
+                sent.copy_(g.work)
             else:  # a - x from the live parameters: exactly DiLoCo's pseudo-gradient
                 for view, anchor, param in zip(views, g.anchor_views, g.params):
                     torch.sub(anchor, param, out=view)
-            own.add_(residual)  # u = v + r
-            self.codec.encode_(own, wire)
-            residual.copy_(own)
-            self.codec.decode_(wire, own)
-            residual.sub_(own)  # r = u - D(q)
+            sent.add_(residual)  # u = v + r
+            self.codec.encode_(sent, wire)
+            residual.copy_(sent)
+            self.codec.decode_(wire, sent)
+            residual.sub_(sent)  # r = u - D(q)
         self.encode_seconds = time.perf_counter() - start
+
+    # ------------------------------------------------------- decode and mix
+    def _scale(self) -> float:
+        return 1.0 if self.form == "proposal" else -self._eta
 
     def _base_into(self, b: int) -> None:
         """``z <- base``: the anchor (pseudo-gradient form) or zero (proposal form)."""
         g = self.flat.groups[b]
         g.work.copy_(g.anchor) if self.form == "pseudo_gradient" else g.work.zero_()
 
-    def _decode(self, b: int, slot: int, wire: torch.Tensor) -> torch.Tensor:
+    def _own(self, b: int) -> torch.Tensor:
+        return self._sent[b]
+
+    def _value(self, b: int, slot: int, message: torch.Tensor) -> torch.Tensor:
         start = time.perf_counter()
         out = self._decoded.get((b, slot))
         if out is None:
             out = self._decoded[(b, slot)] = torch.empty_like(self.flat.groups[b].work)
-        self.codec.decode_(wire, out)
+        self.codec.decode_(message, out)
         self.encode_seconds += time.perf_counter() - start
         return out
 
-    # ------------------------------------------------------- decode/combine
-    def combine(self, received: Received, weights: dict[int, float], norm: float,
-                round_index: int) -> tuple[float | None, list[int]]:
-        """``z <- z + s sum_j w_j (D(q_j) - D(q_i))`` over finite messages."""
-        def difference(b: int, slot: int, peer: int) -> torch.Tensor:
-            return self._decode(b, slot, received(peer)[b]).sub_(self._own[b])
-        return mix_differences(self.flat, self.comm.rank, weights, difference, self._scale, norm,
-                               round_index)
-
-    def take_average(self, received: Received, weights: dict[int, float]) -> list[int]:
-        """``z <- base + s sum_j w_j D(q_j) / sum_j w_j`` (for a non-finite own ``z``)."""
-        return average_values(self.flat, weights,
-                              lambda b, slot, peer: self._decode(b, slot, received(peer)[b]),
-                              self._scale, self._base_into)
-
-    # --------------------------------------------------------- complete graph
-    def post_all(self) -> Arrival:
-        """Start all-gathering every worker's payload."""
-        n = self.comm.world_size
-        self._gathered = [[torch.empty_like(wire) for _ in range(n)] for wire in self.messages]
-        return self.comm.post_all_gather(list(zip(self._gathered, self.messages)))
-
-    def all_bytes(self) -> int:
-        """An all-gather sends this rank's payload to each of the ``n - 1`` others."""
-        return sum((self.comm.world_size - 1) * size_of(wire) for wire in self.messages)
-
-    def average_all(self, count: float, eta: float) -> None:
+    def average_all(self, count: float, gathered: list[list[torch.Tensor]] | None) -> None:
         """``z <- base + s sum_j D(q_j) / count``, summed in rank order on every worker."""
         for b, g in enumerate(self.flat.groups):
             total = torch.zeros_like(g.work)
-            for wire in self._gathered[b]:
-                total.add_(self._decode(b, 0, wire))
+            for wire in gathered[b]:
+                total.add_(self._value(b, 0, wire))
             self._base_into(b)
-            g.work.add_(total, alpha=self._scale / count)
-        self._gathered = []
+            g.work.add_(total, alpha=self._scale() / count)
 
+    # ----------------------------------------------------------------- state
     def state_dict(self) -> dict:
         return {"residuals": [r.clone() for r in self.residuals]}
 
@@ -135,11 +116,12 @@ class CodecWire:
             residual.zero_()
 
 
-def make_wire(flat: FlatModel, comm: Comm, payload: str, form: str, synchronous: bool):
+def make_wire(flat: FlatModel, device: torch.device, payload: str, form: str,
+              synchronous: bool) -> NativeWire | CodecWire:
     """``NativeWire`` for ``payload="native"``; else a ``CodecWire`` (``auto`` form resolved)."""
     codec = make_codec(payload)
     if codec is None:
-        return NativeWire(flat, comm)
+        return NativeWire(flat, device)
     if form == "auto":
         form = "pseudo_gradient" if synchronous else "proposal"
-    return CodecWire(flat, comm, codec, form)
+    return CodecWire(flat, device, codec, form)

@@ -1,21 +1,26 @@
-"""How messages travel on the round's graph: a header and the wire's messages, with deadlines.
+"""How a round's messages travel, and what they cost: the one place that counts bytes.
 
-Sparse rounds send each live peer a small fp64 header (round, health, lost
-peers, adaptive ``H_i`` table) and then the messages of the wire
-(``wires.py``), point to point; the complete graph is a health count, then the
-wire's All-Reduce or all-gather. Receive buffers are allocated once, on first
-use; those of a peer that did not answer are never reused, since its late
-message may still land in them.
+Sparse rounds send each live peer the round's header (``header.py``), then the
+wire's messages, point to point; the complete graph counts the healthy workers
+(a tiny All-Reduce), then sums the wire's messages (native: a ring All-Reduce)
+or gathers them (a codec: an all-gather). Receive buffers are allocated once,
+on first use; those of a peer that did not answer are never reused, since its
+late message may still land in them.
+
+Bytes are what this worker puts on the wire: ``(header + messages) x peers``
+on sparse rounds; ``2 (n - 1) / n`` of the messages for a ring All-Reduce and
+``n - 1`` payloads for an all-gather on the complete graph.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from .comm import Arrival, Comm, PendingSwap
+from ..fabric import Arrival, Comm, PendingSwap
+from .header import Header
 
 
 @dataclass
@@ -28,12 +33,25 @@ class ExchangeStats:
 
 
 @dataclass
-class PeerMessages:
-    """What arrived from the peers of a sparse round."""
+class InTransit:
+    """An exchange posted and not yet waited for."""
 
-    headers: dict[int, torch.Tensor]  # peer -> its header
-    failed: dict[int, str]  # peer -> why it did not answer
-    stats: ExchangeStats
+    swap: PendingSwap | None = None  # sparse: the swap with the round's live peers
+    header: torch.Tensor | None = None
+    count: torch.Tensor | None = None  # complete: the healthy workers, being summed
+    counting: Arrival | None = None
+    collective: Arrival | None = None
+    gathered: list[list[torch.Tensor]] | None = None  # complete, all-gather: every payload
+
+
+@dataclass
+class Arrived:
+    """What an exchange brought: the answering peers' headers, who failed, and the cost."""
+
+    headers: dict[int, Header] = field(default_factory=dict)
+    failed: dict[int, str] = field(default_factory=dict)  # peer -> why it did not answer
+    count: float = 0.0  # complete graph: healthy workers
+    stats: ExchangeStats = field(default_factory=ExchangeStats)
 
 
 def size_of(tensor: torch.Tensor) -> int:
@@ -41,55 +59,77 @@ def size_of(tensor: torch.Tensor) -> int:
 
 
 class GossipExchange:
-    """Posts and waits for one round's messages; keeps the receive buffers."""
+    """Posts and waits for one wire's messages; keeps the receive buffers."""
 
-    def __init__(self, messages: list[torch.Tensor], comm: Comm, device: torch.device):
-        self.messages, self.comm, self.device = messages, comm, device
+    def __init__(self, wire, comm: Comm, device: torch.device):
+        self.wire, self.comm, self.device = wire, comm, device
         self._received: dict[int, list[torch.Tensor]] = {}  # peer slot -> header, messages
         self._slots: dict[int, int] = {}  # peer -> its slot this round
 
-    def post(self, peers: list[int], header: torch.Tensor) -> PendingSwap:
+    # ------------------------------------------------------------ sparse rounds
+    def post(self, peers: list[int], header: Header) -> InTransit:
         """Start the swap with ``peers``: the header, then the messages, each way."""
-        header = header.to(self.device)
+        sent = header.to_tensor().to(self.device)
         self._slots = {peer: k for k, peer in enumerate(peers)}
-        receives = {peer: self._receive_buffers(k, header) for k, peer in enumerate(peers)}
-        return self.comm.post_swap({peer: [header, *self.messages] for peer in peers}, receives)
-
-    def wait(self, pending: PendingSwap, header: torch.Tensor) -> PeerMessages:
-        arrived, failed = self.comm.wait_swap(pending)
-        for peer in failed:  # its late message may still land in these buffers: never reuse them
-            del self._received[self._slots[peer]]
-        stats = ExchangeStats()
-        if arrived:
-            ready = max(a.ready for a in arrived.values())
-            stats.wait_seconds = ready
-            stats.seconds = max(a.done for a in arrived.values()) - ready
-        sizes = size_of(header) + sum(size_of(m) for m in self.messages)
-        stats.bytes_sent = sizes * len(pending.arrivals)
-        headers = {peer: self._received[self._slots[peer]][0].cpu() for peer in arrived}
-        return PeerMessages(headers, failed, stats)
+        receives = {peer: self._receive_buffers(k, sent) for k, peer in enumerate(peers)}
+        swap = self.comm.post_swap({peer: [sent, *self.wire.messages] for peer in peers},
+                                   receives)
+        return InTransit(swap=swap, header=sent)
 
     def received(self, peer: int) -> list[torch.Tensor]:
         """The messages ``peer`` sent this round (one per dtype group)."""
         return self._received[self._slots[peer]][1:]
 
-    def post_all(self, healthy: bool, wire) -> tuple[torch.Tensor, Arrival, Arrival]:
-        """Complete graph: start counting the healthy workers and the wire's collective."""
+    # ------------------------------------------------------------ complete graph
+    def post_all(self, healthy: bool) -> InTransit:
+        """Start counting the healthy workers, then the wire's collective."""
         count = torch.tensor([float(healthy)], dtype=torch.float64, device=self.device)
-        return count, self.comm.post_all_reduce([count]), wire.post_all()
+        counting = self.comm.post_all_reduce([count])
+        messages = self.wire.messages
+        if self.wire.collective == "all_reduce":
+            return InTransit(count=count, counting=counting,
+                             collective=self.comm.post_all_reduce(messages))
+        n = self.comm.world_size
+        gathered = [[torch.empty_like(m) for _ in range(n)] for m in messages]
+        return InTransit(count=count, counting=counting, gathered=gathered,
+                         collective=self.comm.post_all_gather(list(zip(gathered, messages))))
 
-    def wait_all(self, posted: tuple[torch.Tensor, Arrival, Arrival], wire,
-                 round_index: int) -> tuple[float, ExchangeStats]:
-        count, counting, collective = posted
-        self.comm.wait_collective(counting, f"round {round_index}'s health count")
-        ready = time.perf_counter() - counting.started
-        self.comm.wait_collective(collective, f"the exchange of round {round_index}")
-        done = time.perf_counter() - collective.started
-        return float(count), ExchangeStats(wire.all_bytes(), max(0.0, done - ready), ready)
+    # ------------------------------------------------------------------ waiting
+    def wait(self, transit: InTransit, round_index: int) -> Arrived:
+        """Wait for the peers (up to ``peer_timeout``, ``fabric/``) and count what was sent."""
+        if transit.swap is None:
+            return self._wait_all(transit, round_index)
+        arrived, failed = self.comm.wait_swap(transit.swap)
+        for peer in failed:  # its late message may still land in these buffers: never reuse them
+            del self._received[self._slots[peer]]
+        stats = ExchangeStats(bytes_sent=(size_of(transit.header) + sum(
+            size_of(m) for m in self.wire.messages)) * len(transit.swap.arrivals))
+        if arrived:
+            ready = max(a.ready for a in arrived.values())
+            stats.wait_seconds = ready
+            stats.seconds = max(a.done for a in arrived.values()) - ready
+        headers = {peer: Header.from_tensor(self._received[self._slots[peer]][0].cpu(),
+                                            self.comm.world_size) for peer in arrived}
+        return Arrived(headers, failed, stats=stats)
+
+    def _wait_all(self, transit: InTransit, round_index: int) -> Arrived:
+        self.comm.wait_collective(transit.counting, f"round {round_index}'s health count")
+        ready = time.perf_counter() - transit.counting.started
+        self.comm.wait_collective(transit.collective, f"the exchange of round {round_index}")
+        done = time.perf_counter() - transit.collective.started
+        stats = ExchangeStats(self._collective_bytes(), max(0.0, done - ready), ready)
+        return Arrived(count=float(transit.count), stats=stats)
+
+    def _collective_bytes(self) -> int:
+        n, sizes = self.comm.world_size, [size_of(m) for m in self.wire.messages]
+        if self.wire.collective == "all_reduce":  # a ring All-Reduce: 2 (n - 1) / n of each
+            return sum(2 * (n - 1) * size // n for size in sizes)
+        return sum((n - 1) * size for size in sizes)  # an all-gather: n - 1 payloads
 
     def _receive_buffers(self, slot: int, header: torch.Tensor) -> list[torch.Tensor]:
         buffers = self._received.get(slot)
         if buffers is None or buffers[0].numel() != header.numel():
-            buffers = [torch.empty_like(header)] + [torch.empty_like(m) for m in self.messages]
+            buffers = [torch.empty_like(header)] + [torch.empty_like(m)
+                                                    for m in self.wire.messages]
             self._received[slot] = buffers
         return buffers
