@@ -1,11 +1,9 @@
 """``GASLoC``: the outer loop around any inner optimizer, composed of its parts.
 
-The engine builds the parts, counts inner steps and starts and ends rounds;
-each part owns one idea and its own state: the graphs and ``H_i``
-(``schedule/``), the fragments with their anchors, outer rules, wires and
-snapshots (``round/fragment.py``), when each fragment starts and lands
-(``round/scheduler.py``), non-finite containment (``round/health.py``), the
-lost peers (``fabric/membership.py``), the average (``round/consensus.py``).
+The engine builds the parts, counts inner steps, starts and ends rounds, and
+composes the parts' state; each part owns one idea and its own state (graphs and
+``H_i`` in ``schedule/``; fragments, scheduler, health, consensus in ``round/``;
+lost peers in ``fabric/``).
 """
 
 from __future__ import annotations
@@ -39,11 +37,10 @@ STATE_FORMAT = 2
 class GASLoC:
     """Counts the inner optimizer's steps and runs the outer step every ``H_i`` of them.
 
-    ``GASLoC(model, inner_optimizer, config)`` (or keyword settings) attaches to
-    the inner optimizer's ``step`` at once; without an optimizer, call
-    ``attach(optimizer)`` later or ``outer_step()`` yourself. Construction is
-    collective: every rank checks that all ranks have the same settings, then
-    takes rank 0's parameters as the common starting anchor. ``comm`` replaces
+    ``GASLoC(model, inner_optimizer, config)`` (or keyword settings) hooks the inner
+    optimizer's ``step`` (or call ``attach(optimizer)`` later, or ``outer_step()``
+    yourself). Collective: every rank checks that all ranks have the same settings,
+    then takes rank 0's parameters as the common starting anchor. ``comm`` replaces
     the process group by another fabric (the tests' in-process one).
     """
 
@@ -74,9 +71,7 @@ class GASLoC:
         worker = Worker(self.comm, self.health, self.lost, self.local_steps)
         self.fragments = [Fragment(part, build_outer_rule(config.outer_optimizer, config.outer_lr,
                                                           config.outer_momentum, part.anchors),
-                                   worker, config.payload, config.payload_form,
-                                   self.topology.synchronous, config.consensus_every,
-                                   delayed=config.outer_delay > 0) for part in parts]
+                                   worker, config, self.topology.synchronous) for part in parts]
         self.scheduler = RoundScheduler(self.fragments, config.outer_delay)
         self._hook = InnerStepHook(self._after_inner_step)
         self.health.watch(self.fragments, lambda: self._hook.optimizer)
@@ -156,20 +151,6 @@ class GASLoC:
     def lost_peers(self) -> list[int]:
         """Ranks this worker no longer waits for (it timed out on them, or heard so)."""
         return self.lost.lost
-
-    def check_peers(self, when: str) -> list[int]:
-        """Roll call (collective): ranks that do not answer within ``peer_timeout`` become lost.
-
-        For the moments where the caller is about to run collectives of its own
-        (Trainer's logging, evaluation, checkpoints), which have no deadline.
-        """
-        for rank in self.comm.roll_call():
-            self.lost.mark(rank, when, self.comm.silence)
-        return self.lost_peers
-
-    def recover_if_nonfinite(self) -> bool:
-        """Recover a worker with non-finite parameters before its state is saved."""
-        return self.health.recover_before_save(self.round, self.inner_step)
 
     def metrics(self, prefix: str = "gasloc/") -> dict[str, float]:
         """The last round's metrics and the run's totals, flat, for a logger."""

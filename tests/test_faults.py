@@ -7,7 +7,6 @@ import os
 import re
 import shutil
 import signal
-import sys
 import time
 from pathlib import Path
 
@@ -23,9 +22,9 @@ from .clm import blocks, tiny_llama, training_arguments
 from .distributed import run_ranks
 from .workers import TinyNet, flat, gather, local_step
 
+from benchmarks.launchers import TINY, Launched, is_gone, is_stopped, torchrun
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from launchers import TINY, Launched, is_gone, is_stopped, torchrun  # noqa: E402
 
 
 class TurnNaN(TrainerCallback):
@@ -165,7 +164,6 @@ def test_a_frozen_worker_ends_a_trainer_run_within_peer_timeout(tmp_path):
         detected = run.wait_for(lambda: "stopped answering" in run.text(), 60, "detection")
         others = [pid for rank, pid in run.workers(agent).items() if rank != 3]
         run.wait_for(lambda: all(is_gone(pid) for pid in others), 30, "the others' exit")
-        assert agent.poll() is None or agent.returncode != 0
     text = run.text()
     assert detected < 5 + 15, f"detected after {detected:.1f} s"
     assert "rank 3 (" in text and "peer_timeout=5 s" in text and "(in " in text

@@ -16,23 +16,6 @@ from .workers import (DiLoCoReference, TinyNet, flat, gather, load_training, loc
 H, DELAY = 4, 2
 
 
-def test_fragments_are_whole_layers_in_order_of_about_equal_size():
-    model = tiny_llama()
-    parts = split_fragments(model, 3)
-    names = {id(p): n for n, p in model.named_parameters()}
-    layers = [sorted({".".join(names[id(p)].split(".")[:3]) for p in part}) for part in parts]
-    flat_order = [names[id(p)] for part in parts for p in part]
-    assert flat_order == [n for n, p in model.named_parameters()]  # in order, none twice
-    assert not set(layers[0]) & set(layers[1]) and not set(layers[1]) & set(layers[2])
-    assert [len(part) for part in parts] == [1, 9, 10]  # the tied embedding, then layers 0, 1
-    equal = torch.nn.Sequential(*[torch.nn.Linear(4, 4) for _ in range(6)])
-    assert [len(part) for part in split_fragments(equal, 3)] == [4, 4, 4]  # 2 layers each
-    assert start_steps(30, 3) == [10, 20, 30] and start_steps(2, 4) == [1, 1, 2, 2]
-    import pytest
-    with pytest.raises(ValueError, match="fragments=9 but the model has 5 layers"):
-        split_fragments(torch.nn.Sequential(*[torch.nn.Linear(2, 2) for _ in range(5)]), 9)
-
-
 def _delayed_complete_is_delayed_diloco(rank, world_size):
     model = TinyNet()
     inner = torch.optim.AdamW(model.parameters(), lr=1e-2)

@@ -16,6 +16,8 @@ from transformers import TrainerCallback
 from hf_gasloc.integrations.ddp import disable_gradient_sync
 from hf_gasloc.integrations.trainer import _calling_trainer
 
+from examples import run_clm
+
 from .distributed import run_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,8 +86,6 @@ class DiLoCoCallback(TrainerCallback):
 
 
 def _reference(rank, world_size, output_dir, flags, kind):
-    sys.path.insert(0, str(SCRIPT.parent))
-    import run_clm
 
     model_args, data_args, training_args, plugin, embedded, _ = run_clm.parse_arguments(
         ["--output_dir", output_dir, *SMALL, *flags])
@@ -147,8 +147,6 @@ def test_a_restarted_run_resumes_from_its_newest_complete_checkpoint_bit_for_bit
 
 
 def test_the_embedded_default_outer_settings_yield_to_flags_and_environment(monkeypatch):
-    sys.path.insert(0, str(SCRIPT.parent))
-    import run_clm
 
     def outer(*flags):
         plugin = run_clm.parse_arguments(list(flags))[3]

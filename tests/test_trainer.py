@@ -1,9 +1,7 @@
 """GASLoCCallback inside a real Trainer on 2 gloo ranks."""
 
-import logging
 import os
 
-import pytest
 import torch
 import torch.distributed as dist
 from transformers import Trainer, TrainerCallback
@@ -195,20 +193,3 @@ def test_launched_ranks_that_do_not_join_a_group_are_a_clear_error(tmp_path):
         assert error is not None and "pass use_cpu=True" in error
 
 
-def test_single_process_warns_and_trains_normally(tmp_path, caplog, monkeypatch):
-    monkeypatch.delenv("WORLD_SIZE", raising=False)
-    train, _ = blocks(train_blocks=8)
-    trainer = Trainer(model=tiny_llama(), args=training_arguments(str(tmp_path), max_steps=2),
-                      train_dataset=train, callbacks=[GASLoCCallback(topology="1peer")])
-    with caplog.at_level(logging.WARNING, logger="hf_gasloc.integrations.trainer"):
-        trainer.train()
-    assert "single-process run trains normally" in caplog.text
-    assert trainer.state.global_step == 2
-
-
-def test_callback_validates_settings_at_construction():
-    with pytest.raises(ValueError, match="local_steps must be >= 1"):
-        GASLoCCallback(local_steps=0)
-    with pytest.raises(ValueError, match="either a plugin or keyword settings"):
-        from hf_gasloc import GASLoCPlugin
-        GASLoCCallback(GASLoCPlugin(), topology="1peer")

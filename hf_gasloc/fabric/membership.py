@@ -64,6 +64,14 @@ class LostPeers:
                 "that are alive (docs/reliability.md)."
             )
 
+    def call_roll(self, comm, when: str) -> list[int]:
+        """Roll call (collective): ranks that do not answer within ``peer_timeout`` become lost;
+        returns every lost rank. For the moments where the caller is about to run collectives
+        of its own (Trainer's logging, evaluation, checkpoints), which have no deadline."""
+        for rank in comm.roll_call():
+            self.mark(rank, when, comm.silence)
+        return self.lost
+
     def state_dict(self) -> dict:
         return {"flags": list(self.flags), "when": dict(self.when)}
 

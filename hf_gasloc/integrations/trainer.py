@@ -194,11 +194,13 @@ class GASLoCCallback(TrainerCallback):
         if self.engine is None:
             return
         if control.should_log or control.should_evaluate or control.should_save:
-            self.engine.check_peers(f"the check before step {state.global_step}'s collectives")
+            engine = self.engine
+            engine.lost.call_roll(engine.comm, f"the check before step {state.global_step}'s "
+                                  "collectives")
         if self.engine.lost_peers:
             self._stop_for_lost_peers(args)
         if control.should_save:  # a checkpoint never holds a non-finite value
-            self.engine.recover_if_nonfinite()
+            self.engine.health.recover_before_save(self.engine.round, self.engine.inner_step)
         if control.should_evaluate or control.should_save:
             self._swap_in_consensus()
 
@@ -236,7 +238,7 @@ class GASLoCCallback(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         if self.engine is None:
             return
-        if self.engine.check_peers("the check before the final consensus"):
+        if self.engine.lost.call_roll(self.engine.comm, "the check before the final consensus"):
             self._stop_for_lost_peers(args)
         self._restore_own_parameters()
         self.engine.install_consensus()

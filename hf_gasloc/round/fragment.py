@@ -28,6 +28,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..config import GASLoCConfig
 from ..fabric import Comm, LostPeers
 from ..schedule.graphs import RoundGraph
 from ..schedule.local_steps import LocalStepsPolicy
@@ -89,15 +90,16 @@ class Fragment:
     """One slice of the model through its rounds; owns its anchors, outer rule, wire and the
     snapshot a delayed round keeps."""
 
-    def __init__(self, flat: FlatModel, outer: OuterRule, worker: Worker, payload: str,
-                 payload_form: str, synchronous: bool, consensus_every: int, delayed: bool):
+    def __init__(self, flat: FlatModel, outer: OuterRule, worker: Worker, config: GASLoCConfig,
+                 synchronous: bool):
         self.flat, self.outer, self.worker = flat, outer, worker
         device = worker.comm.staging_device(flat.device)
-        self.wire = make_wire(flat, device, payload, payload_form, synchronous)
+        self.wire = make_wire(flat, device, config.payload, config.payload_form, synchronous)
         self.exchange = GossipExchange(self.wire, worker.comm, device)
-        self.consensus_every = consensus_every
+        self.consensus_every = config.consensus_every
         # Delayed: x at the start, to keep the progress made while the exchange travels.
-        self.snapshots = [torch.empty_like(w) for w in flat.works] if delayed else None
+        self.snapshots = ([torch.empty_like(w) for w in flat.works] if config.outer_delay
+                          else None)
         self.snapshot_views = (None if self.snapshots is None else
                                [views_of(s, g.params) for s, g in zip(self.snapshots, flat.groups)])
         self.posted: Posted | None = None  # the round in flight
