@@ -17,17 +17,19 @@ import torch.multiprocessing as mp
 
 
 def spawn(fn: Callable[..., Any], world_size: int, *args: Any, backend: str = "gloo",
-          abandon: tuple[int, ...] = ()) -> list[Any]:
+          abandon: tuple[int, ...] = (), init: bool = True) -> list[Any]:
     """Run ``fn(rank, world_size, *args)`` on ranks of one process group; return their results.
 
     ``backend="nccl"`` puts rank ``r`` on ``cuda:r``. Ranks in ``abandon`` (a
     fault benchmark stops them) are not waited for: once the others have
-    answered, they are killed and their result is ``None``.
+    answered, they are killed and their result is ``None``. With ``init=False``
+    the ranks get torchrun's environment variables and no process group, for
+    code that makes its own (accelerate).
     """
     with tempfile.TemporaryDirectory() as folder:
         queue = mp.get_context("spawn").SimpleQueue()
         context = mp.start_processes(_entry, (world_size, folder, queue, fn, args, backend,
-                                              bool(abandon)),
+                                              bool(abandon), init, _free_port()),
                                      nprocs=world_size, start_method="spawn", join=False)
         try:
             results: dict[int, Any] = {}
@@ -49,20 +51,33 @@ def spawn(fn: Callable[..., Any], world_size: int, *args: Any, backend: str = "g
     return [results.get(rank) for rank in range(world_size)]
 
 
-def _entry(rank, world_size, folder, queue, fn, args, backend, abandoning):
+def _entry(rank, world_size, folder, queue, fn, args, backend, abandoning, init, port):
     threads = max(1, (os.cpu_count() or 1) // world_size)
     torch.set_num_threads(threads)
     if backend == "nccl":
         torch.cuda.set_device(rank)
-    store = dist.FileStore(os.path.join(folder, "store"), world_size)
-    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
-                            timeout=timedelta(minutes=10))
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    if init:
+        store = dist.FileStore(os.path.join(folder, "store"), world_size)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
+                                timeout=timedelta(minutes=10))
     try:
         queue.put((rank, fn(rank, world_size, *args)))
         if not abandoning:
             dist.barrier()
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def timed(fn: Callable[[], Any], repeats: int) -> list[float]:

@@ -119,6 +119,7 @@ def worker(args: argparse.Namespace) -> None:
     import torch.distributed as dist
 
     from hf_gasloc import GASLoC
+    from hf_gasloc.fabric import gather_json
     from training import TINY_LLAMA, DataOrder, evaluate, new_model
 
     torch.set_num_threads(1)
@@ -162,8 +163,7 @@ def worker(args: argparse.Namespace) -> None:
                "bytes_sent": engine.totals.bytes_sent, "comm_seconds": engine.totals.comm_seconds,
                "blocked_per_round": held / max(counted, 1),
                "exchange_per_round": exchanged / max(counted, 1)}
-    everyone = [None] * world_size
-    dist.all_gather_object(everyone, summary)
+    everyone = gather_json(summary)
     if rank == 0:
         Path(args.result).write_text(json.dumps({"method": args.method, "share": args.share,
                                                  "curve": curve, "workers": everyone}, indent=1))

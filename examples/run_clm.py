@@ -6,7 +6,7 @@
     # your own data and model, on GPUs:
     accelerate launch examples/run_clm.py --config_name CONFIG --tokenizer_name TOKENIZER \
         --train_file shard-*.parquet --validation_file val.parquet --block_size 1024 \
-        --max_steps 10000 --gasloc_topology 1peer --gasloc_local_steps 30
+        --do_train --do_eval --max_steps 10000 --gasloc_topology 1peer --gasloc_local_steps 30
 
 With no model or data flag it trains the tiny LLaMA config of
 ``examples/configs/tiny-llama`` on the Python-docs sample of ``examples/data``
@@ -26,8 +26,9 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
+import datasets
 import evaluate
 import torch
 import torch.distributed as dist
@@ -43,12 +44,16 @@ from transformers import (
     set_seed,
 )
 
-from hf_gasloc import GASLoCArguments, GASLoCCallback
-from hf_gasloc.state.checkpoint import complete_checkpoints
-from hf_gasloc.config import ENV_PREFIX
-from hf_gasloc.integrations.data import data_files_builder, load_text_dataset, pack_into_blocks
-from hf_gasloc.integrations.launch import gpu_command, launched_alone, start_local_workers
-from hf_gasloc.integrations.recipes import load_recipe
+from hf_gasloc import GASLoCArguments, GASLoCCallback, GASLoCConfig, GASLoCPlugin
+from hf_gasloc.integrations import (
+    Recipe,
+    data_files_builder,
+    load_recipe,
+    load_text_dataset,
+    newest_complete_checkpoint,
+    pack_into_blocks,
+    run_local_workers_if_alone,
+)
 
 HERE = Path(__file__).resolve().parent
 logger = logging.getLogger(__name__)
@@ -56,6 +61,8 @@ logger = logging.getLogger(__name__)
 # Only for the embedded default run (no model and no data flag): a few minutes on 2 CPU cores.
 EMBEDDED_DEFAULTS = dict(
     output_dir="outputs/run_clm",
+    do_train=True,
+    do_eval=True,
     max_steps=150,
     per_device_train_batch_size=8,
     per_device_eval_batch_size=16,
@@ -67,11 +74,7 @@ EMBEDDED_DEFAULTS = dict(
     save_strategy="no",
     report_to="none",
     block_size=128,
-    # GASLoC for a 150-step run (15 rounds): a gentler outer Nesterov than DiLoCo's published
-    # 0.7 / 0.9, chosen by benchmarks/default_run.py (docs/results.md#the-default-run).
-    gasloc_local_steps="10",
-    gasloc_outer_lr=0.4,
-    gasloc_outer_momentum=0.5,
+    gasloc_local_steps="10",  # 15 rounds in 150 steps
 )
 
 # --recipe_smoke_test: the recipe's settings on a shrunk model, a few CPU steps, the embedded tokenizer.
@@ -112,6 +115,11 @@ class ModelArguments:
         default=None, metadata={"help": "override config values: 'hidden_size=256,num_hidden_layers=6'"}
     )
 
+    def __post_init__(self):
+        if self.config_overrides is not None and self.model_name_or_path is not None:
+            raise ValueError("--config_overrides can't be used with --model_name_or_path: it "
+                             "resizes a model trained from scratch (--config_name).")
+
 
 @dataclass
 class DataTrainingArguments:
@@ -131,6 +139,17 @@ class DataTrainingArguments:
         default=1000,
         metadata={"help": "streamed data without a validation split: hold out the first N documents"},
     )
+
+    def __post_init__(self):
+        if self.dataset_name is None and self.train_file is None:
+            raise ValueError("give a dataset: --dataset_name (hub) or --train_file (local file); "
+                             "with neither, and no model flag, the script trains on its embedded "
+                             "sample.")
+        files = [f for f in (self.train_file, self.validation_file) if f]
+        if files:
+            data_files_builder(files)  # they exist, in one known format
+        if self.block_size is not None and self.block_size < 2:
+            raise ValueError(f"--block_size must be at least 2, got {self.block_size}.")
 
 
 @dataclass
@@ -152,65 +171,59 @@ class ScriptArguments:
     )
 
 
+class Arguments(NamedTuple):
+    model: ModelArguments
+    data: DataTrainingArguments
+    training: TrainingArguments
+    gasloc: GASLoCPlugin
+    script: ScriptArguments
+    embedded: bool  # no model or data flag: the embedded sample, tokenizer and tiny LLaMA
+    recipe: Optional[Recipe]
+
+
 ARGUMENT_CLASSES = (ModelArguments, DataTrainingArguments, TrainingArguments, GASLoCArguments,
                     ScriptArguments)
+SOURCES = {"model_name_or_path", "config_name", "dataset_name", "train_file"}
 
 
-def parse_arguments(argv: Optional[list[str]] = None) -> tuple:
-    """Parse and check every flag; bad input exits here, before any data is read."""
+def parse_arguments(argv: Optional[list[str]] = None) -> Arguments:
+    """Parse and check every flag: the command line over the recipe over the embedded defaults,
+    through ``HfArgumentParser.parse_dict``; bad input exits here, before any data is read."""
     argv = sys.argv[1:] if argv is None else argv
     parser = HfArgumentParser(ARGUMENT_CLASSES)
-    given = {arg.split("=")[0].lstrip("-") for arg in argv if arg.startswith("--")}
     recipe_path, smoke = _recipe_flags(argv)
     try:
         recipe = load_recipe(recipe_path, [a.dest for a in parser._actions]) if recipe_path else None
+        given = _given(parser, argv)
+        values = dict(recipe.arguments) if recipe else {}
+        embedded = not (set(given) | set(values)) & SOURCES
+        if embedded:  # a variable ACCELERATE_GASLOC_<NAME> wins over an embedded default
+            values = {name: value for name, value in EMBEDDED_DEFAULTS.items()
+                      if GASLoCConfig.environment_variable(name.removeprefix("gasloc_"))
+                      not in os.environ} | values
+            values.update(train_file=str(HERE / "data" / "pydocs_train.parquet"),
+                          validation_file=str(HERE / "data" / "pydocs_validation.parquet"))
+        if recipe:
+            values.setdefault("do_train", True)
+            values.setdefault("do_eval", True)
+        values.update(SMOKE_TEST if smoke else {})
+        values.setdefault("use_cpu", not torch.cuda.is_available())
+        values.update(given)
+        model_args, data_args, training_args, gasloc_args, script_args = parser.parse_dict(values)
+        gasloc = gasloc_args.to_plugin()
+        _check_together(data_args, training_args, recipe, "max_steps" in values)
     except (ValueError, FileNotFoundError) as error:
         parser.error(str(error))
-    settings = dict(recipe.arguments) if recipe else {}
-    sources = {"model_name_or_path", "config_name", "dataset_name", "train_file"}
-    embedded = not (given | set(settings)) & sources
-    defaults = {name: value for name, value in EMBEDDED_DEFAULTS.items()  # a set env var wins
-                if ENV_PREFIX + name.removeprefix("gasloc_").upper() not in os.environ
-                } if embedded else {}
-    defaults.update(settings)
-    defaults.update(SMOKE_TEST if smoke else {})
-    defaults["use_cpu"] = not torch.cuda.is_available()
-    parser.set_defaults(**defaults)
-    model_args, data_args, training_args, gasloc_args, script_args = (
-        parser.parse_args_into_dataclasses(argv))
-    try:  # every bad flag fails here, before any data is read or any step is taken
-        plugin = gasloc_args.to_plugin()
-        files = [f for f in (data_args.train_file, data_args.validation_file) if f]
-        if files:
-            data_files_builder(files)
-        if recipe and "max_steps" not in given | set(defaults):
-            training_args.max_steps = recipe.max_steps(
-                training_args.world_size, training_args.per_device_train_batch_size,
-                training_args.gradient_accumulation_steps, data_args.block_size or 1024,
-            )
-        if data_args.streaming and training_args.max_steps <= 0:
-            raise ValueError("--streaming needs --max_steps (a stream has no length).")
-    except (ValueError, FileNotFoundError) as error:
-        parser.error(str(error))
-    script_args.loaded_recipe = recipe
-    return model_args, data_args, training_args, plugin, embedded, script_args
+    return Arguments(model_args, data_args, training_args, gasloc, script_args, embedded, recipe)
 
 
-def prepare_run(training_args: TrainingArguments, plugin, script_args: ScriptArguments) -> None:
-    """On the workers that train: where to resume from, and how the recipe fits this run."""
-    if script_args.auto_resume and training_args.resume_from_checkpoint is None:
-        found = complete_checkpoints(training_args.output_dir, gasloc=plugin.enabled)
-        if found:
-            training_args.resume_from_checkpoint = str(found[-1])
-            if training_args.process_index == 0:
-                logger.warning("resuming from %s, the newest complete checkpoint in %s "
-                               "(--auto_resume false starts afresh)", found[-1],
-                               training_args.output_dir)
-    recipe = script_args.loaded_recipe
-    if recipe and recipe.workers != training_args.world_size and training_args.process_index == 0:
-        logger.warning("recipe %s was planned for %d workers; this run has %d (max_steps=%d keeps "
-                       "its token budget)", recipe.path, recipe.workers, training_args.world_size,
-                       training_args.max_steps)
+def _given(parser: HfArgumentParser, argv: list[str]) -> dict:
+    """The values of the flags written on the command line (typed by the parser)."""
+    namespace = parser.parse_args(argv)
+    dests = {action.dest for action in parser._actions}
+    named = {arg.split("=")[0].lstrip("-") for arg in argv if arg.startswith("--")}
+    named = {name if name in dests else name.removeprefix("no_") for name in named}
+    return {name: getattr(namespace, name) for name in named if name in dests}
 
 
 def _recipe_flags(argv: list[str]) -> tuple[Optional[str], bool]:
@@ -222,57 +235,47 @@ def _recipe_flags(argv: list[str]) -> tuple[Optional[str], bool]:
     return known.recipe, str(known.recipe_smoke_test).lower() in ("true", "1", "yes")
 
 
-def local_workers_to_start(plugin, script_args: ScriptArguments, argv: list[str]) -> int:
-    """How many local workers to start when this process runs alone (0: train here)."""
-    if not launched_alone() or not plugin.enabled:
-        return 0
-    command = gpu_command("examples/run_clm.py", argv)
-    if command is not None or torch.cuda.is_available():
-        logger.warning("run_clm.py runs as a single process on a machine with %d GPU(s): GASLoC "
-                       "needs at least 2 workers. %s", torch.cuda.device_count(),
-                       f"Use them all with: {command}" if command else
-                       "With one GPU, start workers on several machines (docs/recipes.md).")
-        return 0
-    if script_args.local_workers == 0:
-        logger.warning("run_clm.py: --local_workers 0: this single process trains alone, which is "
-                       "plain AdamW, not decentralized training.")
-    return max(0, script_args.local_workers)
+def _check_together(data_args, training_args, recipe: Optional[Recipe], max_steps_given: bool):
+    """What no single argument class can check alone."""
+    if not (training_args.do_train or training_args.do_eval):
+        raise ValueError("nothing to do: pass --do_train and/or --do_eval (the embedded default "
+                         "run and the recipes do both).")
+    if recipe and not max_steps_given:  # the recipe's token budget, on this run's world size
+        training_args.max_steps = recipe.max_steps(
+            training_args.world_size, training_args.per_device_train_batch_size,
+            training_args.gradient_accumulation_steps, data_args.block_size or 1024)
+    if data_args.streaming and training_args.do_train and training_args.max_steps <= 0:
+        raise ValueError("--streaming needs --max_steps (a stream has no length).")
 
 
 def main() -> None:
     argv = sys.argv[1:]
-    model_args, data_args, training_args, plugin, embedded, script_args = parse_arguments(argv)
-    workers = local_workers_to_start(plugin, script_args, argv)
-    if workers:
-        print(f"run_clm.py: no launcher started several processes and this machine has no GPU: "
-              f"starting {workers} local GASLoC workers (torch elastic launcher, gloo); "
-              "--local_workers N changes that, 0 trains alone.", flush=True)
-        start_local_workers(workers, str(Path(__file__).resolve()), argv)
-        return
-    prepare_run(training_args, plugin, script_args)
-    callbacks = [GASLoCCallback(plugin)] if plugin.enabled else []
-    run(model_args, data_args, training_args, plugin, embedded, callbacks)
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    arguments = parse_arguments(argv)
+    alone = arguments.gasloc.enabled and run_local_workers_if_alone(
+        arguments.script.local_workers, str(Path(__file__).resolve()), argv)
+    if not alone:
+        run(arguments)
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
-def run(model_args, data_args, training_args, plugin, embedded, callbacks) -> Trainer:
-    """Train, evaluate and save; every rank calls it. Returns the Trainer."""
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        level=logging.INFO if training_args.should_log else logging.WARNING)
-    transformers.utils.logging.set_verbosity(logging.INFO if training_args.should_log else logging.WARNING)
-    logger.info("world size %d, GASLoC %s", training_args.world_size, plugin.to_dict())
+def run(arguments: Arguments, callbacks: Optional[list] = None) -> Trainer:
+    """Train, evaluate and save; every rank calls it. ``callbacks``: instead of GASLoC's.
+    Returns the Trainer."""
+    model_args, data_args, training_args, gasloc, script = arguments[:5]
+    _set_up_logging(training_args)
+    _find_checkpoint(training_args, gasloc, script)
+    if arguments.recipe and arguments.recipe.workers != training_args.world_size:
+        logger.warning("recipe %s was planned for %d workers; this run has %d (max_steps=%d keeps "
+                       "its token budget)", arguments.recipe.path, arguments.recipe.workers,
+                       training_args.world_size, training_args.max_steps)
     set_seed(training_args.seed)
 
-    if embedded:
-        data_args.train_file = str(HERE / "data" / "pydocs_train.parquet")
-        data_args.validation_file = str(HERE / "data" / "pydocs_validation.parquet")
     tokenizer = AutoTokenizer.from_pretrained(
         model_args.tokenizer_name or model_args.model_name_or_path or HERE / "data" / "tokenizer"
     )
     model = load_model(model_args, len(tokenizer))
     train_blocks, eval_blocks = load_blocks(data_args, training_args, tokenizer, model)
-
     if data_args.streaming:  # each worker reads its own shard; no per-step broadcast
         training_args.accelerator_config.dispatch_batches = False
     accuracy = evaluate.load(str(HERE / "metrics" / "token_accuracy"))
@@ -286,47 +289,85 @@ def run(model_args, data_args, training_args, plugin, embedded, callbacks) -> Tr
     trainer = Trainer(
         model=model,
         args=training_args,
-        train_dataset=train_blocks,
-        eval_dataset=eval_blocks,
+        train_dataset=train_blocks if training_args.do_train else None,
+        eval_dataset=eval_blocks if training_args.do_eval else None,
         processing_class=tokenizer,
         data_collator=default_data_collator,
-        compute_metrics=compute_metrics,
+        compute_metrics=compute_metrics if training_args.do_eval else None,
         preprocess_logits_for_metrics=lambda logits, labels: logits.argmax(dim=-1),
         callbacks=callbacks,
     )
+    gasloc_callback = None
+    if callbacks is None and gasloc.enabled:
+        gasloc_callback = GASLoCCallback(gasloc).bind(trainer)
 
-    start = trainer.evaluate(metric_key_prefix="start")
-    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    # After training every rank holds the consensus model (GASLoCCallback.on_train_end).
-    trainer.save_model()
-    trainer.accelerator.wait_for_everyone()  # rank 0's files are complete before anyone reads
-    metrics = dict(result.metrics)
-    if not data_args.streaming:
-        metrics["train_samples"] = len(train_blocks)
-    trainer.log_metrics("train", metrics)
-    trainer.save_metrics("train", metrics)
-    trainer.save_state()
+    if training_args.do_train:
+        result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+        # After training every rank holds the consensus model (GASLoCCallback.on_train_end).
+        trainer.save_model()
+        trainer.accelerator.wait_for_everyone()  # rank 0's files are complete before anyone reads
+        metrics = dict(result.metrics)
+        if not data_args.streaming:
+            metrics["train_samples"] = len(train_blocks)
+        trainer.log_metrics("train", metrics)
+        trainer.save_metrics("train", metrics)
+        trainer.save_state()
 
-    eval_metrics = trainer.evaluate()
-    eval_metrics["perplexity"] = _perplexity(eval_metrics["eval_loss"])
-    eval_metrics["start_eval_loss"] = start["start_loss"]
-    eval_metrics["start_perplexity"] = _perplexity(start["start_loss"])
-    trainer.log_metrics("eval", eval_metrics)
-    trainer.save_metrics("eval", eval_metrics)
-    summary = {"world_size": training_args.world_size, "gasloc_topology": plugin.topology,
-               "gasloc_config": plugin.to_dict()}
-    for callback in callbacks:
-        if getattr(callback, "engine", None) is not None:
-            summary.update(callback.engine.metrics())
+    if training_args.do_eval:
+        metrics = trainer.evaluate()
+        metrics["perplexity"] = _perplexity(metrics["eval_loss"])
+        start = [h for h in trainer.state.log_history if h.get("step") == 0 and "eval_loss" in h]
+        if start:  # --eval_on_start
+            metrics["start_eval_loss"] = start[0]["eval_loss"]
+            metrics["start_perplexity"] = _perplexity(start[0]["eval_loss"])
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
+
+    summary = {"world_size": training_args.world_size, "gasloc_topology": gasloc.topology}
+    if gasloc_callback is not None and gasloc_callback.engine is not None:
+        summary.update(gasloc_callback.summary())
     trainer.save_metrics("gasloc", summary)
-    card = {"tasks": "text-generation", "finetuned_from": model_args.model_name_or_path,
-            "dataset": data_args.dataset_name or data_args.train_file}
+    card = {"finetuned_from": model_args.model_name_or_path}
+    if data_args.dataset_name is not None:  # a hub dataset: the card's results name it
+        card.update(tasks="text-generation", dataset_tags=data_args.dataset_name,
+                    dataset=data_args.dataset_name, dataset_args=data_args.dataset_config_name)
+    else:  # local files: no hub dataset for the card's results to name, so none are listed
+        card.update(tasks=[], tags=["text-generation"])
     if training_args.push_to_hub:
         trainer.push_to_hub(**card)
     else:
         trainer.create_model_card(**card)
     trainer.accelerator.wait_for_everyone()  # a barrier before the group goes away
     return trainer
+
+
+def _set_up_logging(training_args: TrainingArguments) -> None:
+    """Rank 0 says what it does (``--log_level``); the other ranks only warn
+    (``--log_level_replica``), as in transformers' examples."""
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        handlers=[logging.StreamHandler(sys.stdout)])
+    if training_args.should_log:
+        transformers.utils.logging.set_verbosity_info()
+    level = training_args.get_process_log_level()
+    for name in (__name__, "hf_gasloc"):
+        logging.getLogger(name).setLevel(level)
+    datasets.utils.logging.set_verbosity_warning()  # its cache lines are not worth a screen
+    transformers.utils.logging.set_verbosity(level)
+    transformers.utils.logging.enable_default_handler()
+    transformers.utils.logging.enable_explicit_format()
+
+
+def _find_checkpoint(training_args: TrainingArguments, gasloc: GASLoCPlugin,
+                     script: ScriptArguments) -> None:
+    """``--auto_resume``: resume from the newest complete checkpoint in ``--output_dir``."""
+    if not script.auto_resume or training_args.resume_from_checkpoint is not None:
+        return
+    found = newest_complete_checkpoint(training_args.output_dir, gasloc=gasloc.enabled)
+    if found is not None:
+        training_args.resume_from_checkpoint = str(found)
+        if training_args.process_index == 0:
+            logger.warning("resuming from %s, the newest complete checkpoint in %s "
+                           "(--auto_resume false starts afresh)", found, training_args.output_dir)
 
 
 def load_model(model_args: ModelArguments, vocab_size: int) -> torch.nn.Module:

@@ -4,14 +4,18 @@ A setting left unset (``None``) is read from ``ACCELERATE_GASLOC_<NAME>`` and
 otherwise takes its default, the way accelerate's own plugins read theirs. Each
 setting's meaning and checks live with the idea it belongs to: topologies in
 ``topology.py``, ``H_i`` in ``local_steps.py``, the outer optimizer in
-``outer_optimizer.py``. Defaults follow DiLoCo's paper (Douillard et al., 2023:
-Nesterov outer optimizer, outer lr 0.7, momentum 0.9) where GASLoC has no reason
-to differ; ``H = 30`` is the GASLoC paper's heterogeneous-worker setting.
+``round/outer.py``. Unset outer settings are chosen from ``H`` by a measured rule
+(``round/outer_defaults.py``); ``H = 30`` is the GASLoC paper's
+heterogeneous-worker setting.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import logging
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -20,20 +24,27 @@ from .schedule.local_steps import (
     LOCAL_STEPS_HELP,
     LocalStepsSetting,
     describe_local_steps,
+    nominal_steps,
     parse_local_steps,
     steps_for_rank,
 )
 from .round.outer import (
+    OUTER_LR_HELP,
     OUTER_MOMENTUM_HELP,
     OUTER_OPTIMIZER_HELP,
     OuterOptimizer,
+    check_outer_settings,
     describe_outer_optimizer,
-    resolve_outer_optimizer,
 )
-from .schedule.topology import NO_GOSSIP, TOPOLOGY_HELP, check_topology
+from .round.outer_defaults import OuterChoice, choose_outer, warn_if_known_to_hurt
+from .schedule.fragments import split_fragments
+from .schedule.topology import NO_GOSSIP, TOPOLOGY_HELP, build_topology, check_topology
 from .values import boolean, choice, integer, positive_float
 
 ENV_PREFIX = "ACCELERATE_GASLOC_"
+MIN_PEER_TIMEOUT, SHORT_PEER_TIMEOUT = 1.0, 30.0
+_warned_variables: set[str] = set()
+logger = logging.getLogger(__name__)
 
 
 def _setting(default: Any, help: str, cli: type) -> Any:
@@ -47,8 +58,8 @@ class GASLoCConfig:
 
     topology: str | None = _setting("2peer", TOPOLOGY_HELP, str)
     local_steps: LocalStepsSetting | str | None = _setting(30, LOCAL_STEPS_HELP, str)
-    outer_optimizer: OuterOptimizer | None = _setting("nesterov", OUTER_OPTIMIZER_HELP, str)
-    outer_lr: float | None = _setting(0.7, "outer learning rate eta", float)
+    outer_optimizer: OuterOptimizer | None = _setting(None, OUTER_OPTIMIZER_HELP, str)
+    outer_lr: float | None = _setting(None, OUTER_LR_HELP, float)
     outer_momentum: float | None = _setting(None, OUTER_MOMENTUM_HELP, float)
     gossip_weight: float | None = _setting(
         None,
@@ -100,36 +111,73 @@ class GASLoCConfig:
     )
 
     def __post_init__(self) -> None:
+        from_environment = {}
         for f in fields(GASLoCConfig):
             if getattr(self, f.name) is None:
-                raw = os.environ.get(ENV_PREFIX + f.name.upper())
+                raw = os.environ.get(self.environment_variable(f.name))
+                if raw is not None:
+                    from_environment[f.name] = raw
                 setattr(self, f.name, f.metadata["default"] if raw is None else raw)
-        self.topology = check_topology(self.topology)
-        self.local_steps = parse_local_steps(self.local_steps)
-        self.outer_lr = positive_float("outer_lr", self.outer_lr)
-        self.seed = integer("seed", self.seed)
-        self.anchor_on_cpu = boolean("anchor_on_cpu", self.anchor_on_cpu)
-        self.consensus_every = integer("consensus_every", self.consensus_every, minimum=0)
-        self.payload = choice("payload", self.payload, PAYLOADS)
-        self.payload_form = choice("payload_form", self.payload_form, FORMS)
-        self.outer_delay = integer("outer_delay", self.outer_delay, minimum=0)
-        self.fragments = integer("fragments", self.fragments, minimum=1)
-        self.peer_timeout = positive_float("peer_timeout", self.peer_timeout)
-        self.max_bad_rounds = integer("max_bad_rounds", self.max_bad_rounds, minimum=1)
-        if self.gossip_weight is not None:
-            self.gossip_weight = positive_float("gossip_weight", self.gossip_weight)
-        self.outer_optimizer, self.outer_momentum = resolve_outer_optimizer(
-            self.outer_optimizer, self.outer_momentum
-        )
+        warn_about_unknown_variables()
+        checks = {
+            "topology": check_topology,
+            "local_steps": parse_local_steps,
+            "seed": lambda v: integer("seed", v, minimum=0),
+            "anchor_on_cpu": lambda v: boolean("anchor_on_cpu", v),
+            "consensus_every": lambda v: integer("consensus_every", v, minimum=0),
+            "payload": lambda v: choice("payload", v, PAYLOADS),
+            "payload_form": lambda v: choice("payload_form", v, FORMS),
+            "outer_delay": lambda v: integer("outer_delay", v, minimum=0),
+            "fragments": lambda v: integer("fragments", v, minimum=1),
+            "peer_timeout": check_peer_timeout,
+            "max_bad_rounds": lambda v: integer("max_bad_rounds", v, minimum=1),
+            "gossip_weight": lambda v: None if v is None else positive_float(
+                "gossip_weight", v, at_most=1.0),
+        }
+        for name, check in checks.items():
+            with _naming_the_source(name, from_environment):
+                setattr(self, name, check(getattr(self, name)))
+        outer = ("outer_optimizer", "outer_lr", "outer_momentum")
+        with _naming_the_source(outer, from_environment):
+            self.outer_optimizer, self.outer_lr, self.outer_momentum = check_outer_settings(
+                self.outer_optimizer, self.outer_lr, self.outer_momentum)
+
+    @staticmethod
+    def environment_variable(name: str) -> str:
+        """The environment variable that sets ``name`` when it is not given: ``ACCELERATE_GASLOC_<NAME>``."""
+        return ENV_PREFIX + name.upper()
 
     @property
     def enabled(self) -> bool:
         """False for ``topology='none'``: plain DDP, GASLoC stays out of the way."""
         return self.topology != NO_GOSSIP
 
+    def with_outer_defaults(self) -> tuple["GASLoCConfig", OuterChoice]:
+        """A copy whose unset outer settings are filled from ``H`` (``round/outer_defaults.py``),
+        and the choice, with why; a user setting known to overshoot gets a warning."""
+        local_steps = nominal_steps(self.local_steps)
+        choice = choose_outer(self.outer_optimizer, self.outer_lr, self.outer_momentum,
+                              local_steps)
+        warn_if_known_to_hurt(choice, local_steps)
+        return dataclasses.replace(self, outer_optimizer=choice.optimizer, outer_lr=choice.lr,
+                                   outer_momentum=choice.momentum), choice
+
     def local_steps_for(self, rank: int, world_size: int) -> int:
         """``H_i`` of ``rank`` (the target for ``auto``); a per-rank list needs one value per rank."""
         return steps_for_rank(self.local_steps, rank, world_size)
+
+    def check_world(self, world_size: int) -> None:
+        """What can be checked once the number of workers is known, before any model or data
+        is loaded: the graph (a static graph's ranks, ``gossip_weight`` against its degree) and
+        a per-rank ``local_steps`` list."""
+        if self.enabled:
+            build_topology(self.topology, world_size, self.seed, self.gossip_weight)
+            steps_for_rank(self.local_steps, 0, world_size)
+
+    def check_model(self, model: Any) -> None:
+        """What needs the model: that it splits into ``fragments`` (before any evaluation)."""
+        if self.enabled:
+            split_fragments(model, self.fragments)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values only: for logging and for checking that all ranks agree."""
@@ -137,3 +185,44 @@ class GASLoCConfig:
         values["outer_optimizer"] = describe_outer_optimizer(self.outer_optimizer)
         values["local_steps"] = describe_local_steps(self.local_steps)
         return values
+
+
+def check_peer_timeout(value: Any) -> float:
+    """At least ``MIN_PEER_TIMEOUT`` seconds; a warning below ``SHORT_PEER_TIMEOUT``."""
+    seconds = positive_float("peer_timeout", value, at_least=MIN_PEER_TIMEOUT)
+    if seconds < SHORT_PEER_TIMEOUT:
+        logger.warning("GASLoC: peer_timeout=%g s is short: a healthy peer that is evaluating, "
+                       "saving or stalled by its machine for longer is left out of the gossip "
+                       "(docs/guide/reliability.md).", seconds)
+    return seconds
+
+
+@contextmanager
+def _naming_the_source(names: str | tuple[str, ...], from_environment: dict[str, str]):
+    """A bad value's error also names the environment variable it was read from."""
+    try:
+        yield
+    except ValueError as error:
+        names = (names,) if isinstance(names, str) else names
+        names = [n for n in names if n in str(error)] or names  # the ones the error is about
+        sources = [f"{GASLoCConfig.environment_variable(n)}={from_environment[n]!r}"
+                   for n in names if n in from_environment]
+        if sources:
+            where = (f"read from the environment: {', '.join(sources)}; fix or unset the "
+                     "variable")
+        elif "--gasloc_" in str(error):
+            raise
+        else:
+            where = " or ".join(f"--gasloc_{n} / {n}=" for n in names)
+        raise ValueError(f"{str(error).rstrip('.')} ({where}).") from None
+
+
+def warn_about_unknown_variables() -> None:
+    """An ``ACCELERATE_GASLOC_*`` variable that names no setting is a typo: say so, once."""
+    known = [GASLoCConfig.environment_variable(f.name) for f in fields(GASLoCConfig)]
+    for name in sorted(os.environ):
+        if name.startswith(ENV_PREFIX) and name not in known and name not in _warned_variables:
+            _warned_variables.add(name)
+            close = difflib.get_close_matches(name, known, n=1)
+            logger.warning("GASLoC: the environment variable %s is not a GASLoC setting and is "
+                           "ignored%s", name, f"; did you mean {close[0]}?" if close else ".")

@@ -9,6 +9,7 @@ lost peers in ``fabric/``).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from contextlib import contextmanager
 from typing import Any, Iterable, Iterator
@@ -32,6 +33,7 @@ from .schedule.topology import build_topology
 from .state.flat import FlatModel
 
 STATE_FORMAT = 2
+logger = logging.getLogger(__name__)
 
 
 class GASLoC:
@@ -53,7 +55,8 @@ class GASLoC:
             config, **settings)
         if not config.enabled:
             raise ValueError("topology 'none' is plain DDP: do not attach a GASLoC engine.")
-        self.config = config
+        self.config, self.outer_choice = config.with_outer_defaults()
+        config = self.config
         self.comm = comm or Comm(process_group, config.peer_timeout)
         self.rank, self.world_size = self.comm.rank, self.comm.world_size
         self.topology = build_topology(config.topology, self.world_size, config.seed,
@@ -71,13 +74,18 @@ class GASLoC:
         worker = Worker(self.comm, self.health, self.lost, self.local_steps)
         self.fragments = [Fragment(part, build_outer_rule(config.outer_optimizer, config.outer_lr,
                                                           config.outer_momentum, part.anchors),
-                                   worker, config, self.topology.synchronous) for part in parts]
+                                   worker, config, self.topology.synchronous, channel)
+                          for channel, part in enumerate(parts)]
         self.scheduler = RoundScheduler(self.fragments, config.outer_delay)
         self._hook = InnerStepHook(self._after_inner_step)
         self.health.watch(self.fragments, lambda: self._hook.optimizer)
         self.round = self.steps_in_round = self.inner_step = 0  # inner_step: over the run
         self.totals, self.last_round = Totals(), None
         self._last_step_end: float | None = None
+        if self.rank == 0:
+            logger.info("GASLoC on %d workers: %s (%s).", self.world_size,
+                        ", ".join(f"{k} {v}" for k, v in config.to_dict().items()),
+                        self.outer_choice.why)
         if inner_optimizer is not None:
             self.attach(inner_optimizer)
 
@@ -154,7 +162,7 @@ class GASLoC:
 
     def metrics(self, prefix: str = "gasloc/") -> dict[str, float]:
         """The last round's metrics and the run's totals, flat, for a logger."""
-        log = as_log(self.last_round, self.totals, prefix)
+        log = as_log(self.last_round, self.totals, self.inner_step, self.steps_in_round, prefix)
         log[prefix + "recoveries"] = self.health.recoveries
         log[prefix + "lost_peers"] = len(self.lost.lost)
         return log

@@ -36,7 +36,7 @@ def agreement(config: GASLoCConfig, topology: Topology, flat: FlatModel) -> dict
 
 def check_ranks_agree(values: dict[str, Any], comm: Comm) -> None:
     """Gather ``values`` from every rank and raise one error naming each setting that differs."""
-    gathered = comm.all_gather_object(values)
+    gathered = comm.all_gather_json(values)
     problems = []
     for key in values:
         seen = [rank_values.get(key) for rank_values in gathered]  # type: ignore[union-attr]

@@ -66,7 +66,7 @@ def resume(checkpoint_dir: str | os.PathLike, engine: GASLoC, model: torch.nn.Mo
             template = load_rank_state(checkpoint_dir, 0, manifest)
     except (CheckpointError, RunMismatchError) as error:
         problems.append(str(error))
-    everyone = sorted({p for found in engine.comm.all_gather_object(problems) for p in found})
+    everyone = sorted({p for found in engine.comm.all_gather_json(problems) for p in found})
     if everyone:
         raise CheckpointError(f"cannot resume GASLoC from {checkpoint_dir}:\n  "
                               + "\n  ".join(everyone))

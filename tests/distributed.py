@@ -14,6 +14,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from hf_gasloc.round.metrics import RoundMetrics
+
+torch.serialization.add_safe_globals([RoundMetrics])  # what some ranks return
+
 
 def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 240,
               init: bool = True, abandon: tuple[int, ...] = ()) -> list[Any]:
@@ -59,7 +63,7 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: floa
             if not os.path.exists(path):
                 errors.append(f"rank {rank}: no result (exit code {processes[rank].exitcode})")
                 continue
-            ok, value = torch.load(path, weights_only=False)
+            ok, value = torch.load(path, weights_only=True)
             if not ok:
                 errors.append(f"rank {rank}:\n{value}")
             results.append(value)

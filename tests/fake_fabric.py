@@ -11,6 +11,7 @@ corrupt or fail a given message, in the spirit of torchft's event injector.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import traceback
@@ -21,6 +22,7 @@ import torch
 
 from hf_gasloc.errors import PeerLostError
 from hf_gasloc.fabric import Arrival, PendingSwap
+from hf_gasloc.fabric.waiting import Refused
 
 
 @dataclass
@@ -47,10 +49,11 @@ class Fault:
 
 
 class _Work:
-    """A posted receive: ``wait`` blocks until the message is in the mailbox, then copies it."""
+    """A posted receive: ``wait`` blocks until the message is in the mailbox, then copies the
+    header, asks ``check`` whether the rest fits, and copies the rest."""
 
-    def __init__(self, network: "FakeNetwork", key: tuple, buffers: list[torch.Tensor]):
-        self.network, self.key, self.buffers = network, key, buffers
+    def __init__(self, network: "FakeNetwork", key: tuple, buffers: list[torch.Tensor], check):
+        self.network, self.key, self.buffers, self.check = network, key, buffers, check
 
     def wait(self) -> None:
         with self.network.changed:
@@ -59,7 +62,15 @@ class _Work:
             delivered = self.network.mailbox.pop(self.key)
         if isinstance(delivered, Exception):
             raise delivered
-        for buffer, value in zip(self.buffers, delivered, strict=True):
+        if delivered[0].shape != self.buffers[0].shape:
+            raise RuntimeError("a header of another size (gloo would abort here)")
+        self.buffers[0].copy_(delivered[0])
+        refusal = self.check(self.key[0], self.buffers[0])
+        if refusal is not None:
+            raise Refused(refusal)
+        for buffer, value in zip(self.buffers[1:], delivered[1:], strict=True):
+            if buffer.shape != value.shape:  # gloo would abort, or leave garbage in the tail
+                raise AssertionError("a message reached a buffer of another size")
             buffer.copy_(value)
 
 
@@ -71,23 +82,25 @@ class _Done:
 class FakeNetwork:
     """The shared state of ``world_size`` in-process workers."""
 
-    def __init__(self, world_size: int, peer_timeout: float = 1.0):
+    def __init__(self, world_size: int, peer_timeout: float = 30.0):
         self.world_size, self.peer_timeout = world_size, peer_timeout
         self.changed = threading.Condition()
         self.mailbox: dict[tuple, Any] = {}
-        self.swaps: dict[tuple[int, int], int] = {}  # (sender, receiver) -> swaps posted
+        self.swaps: dict[tuple[int, int, int], int] = {}  # (sender, receiver, channel) -> swaps
         self.meetings: dict[int, dict[int, Any]] = {}  # collective number -> rank -> value
         self.faults: list[Fault] = []
         self.dead: set[int] = set()  # ranks that stopped: they reach no rendezvous
+        self.finished: set[int] = set()  # ranks whose function returned: they answer no more
 
     def endpoint(self, rank: int) -> "FakeComm":
         return FakeComm(self, rank)
 
     # ------------------------------------------------------------ point to point
-    def send(self, sender: int, receiver: int, tensors: list[torch.Tensor]) -> None:
-        swap = self.swaps.get((sender, receiver), 0)
-        self.swaps[(sender, receiver)] = swap + 1
-        key = (sender, receiver, swap)
+    def send(self, sender: int, receiver: int, tensors: list[torch.Tensor],
+             channel: int = 0) -> None:
+        swap = self.swaps.get((sender, receiver, channel), 0)
+        self.swaps[(sender, receiver, channel)] = swap + 1
+        key = (sender, receiver, (channel, swap))
         payload: Any = [t.detach().clone() for t in tensors]
         for fault in self.faults:
             if not fault.applies(sender, receiver, swap):
@@ -109,9 +122,9 @@ class FakeNetwork:
             self.mailbox[key] = payload
             self.changed.notify_all()
 
-    def receive(self, sender: int, receiver: int, swap: int,
-                buffers: list[torch.Tensor]) -> _Work:
-        return _Work(self, (sender, receiver, swap), buffers)
+    def receive(self, sender: int, receiver: int, swap: int, buffers: list[torch.Tensor],
+                check) -> _Work:
+        return _Work(self, (sender, receiver, swap), buffers, check)
 
     # --------------------------------------------------------------- collectives
     def meet(self, number: int, rank: int, value: Any, timeout: float) -> list[Any]:
@@ -142,7 +155,7 @@ class FakeComm:
         self.hosts = [f"thread{r}" for r in range(self.world_size)]
         self.run_id = "fake"
         self._collectives = 0
-        self._receives: dict[int, int] = {}  # peer -> swaps received from it
+        self._receives: dict[tuple[int, int], int] = {}  # (peer, channel) -> swaps received
 
     @property
     def silence(self) -> str:
@@ -162,8 +175,8 @@ class FakeComm:
         self._collectives += 1
         return self.network.meet(self._collectives, self.rank, value, 10 * self.peer_timeout)
 
-    def all_gather_object(self, value: Any) -> list[Any]:
-        return self._meet(value)
+    def all_gather_json(self, value: Any) -> list[Any]:
+        return [json.loads(v) for v in self._meet(json.dumps(value, sort_keys=True, default=repr))]
 
     @torch.no_grad()
     def broadcast_from_first_(self, tensors: list[torch.Tensor]) -> None:
@@ -192,7 +205,6 @@ class FakeComm:
                 gather(network.meet(number, self.rank, value, 10 * self.peer_timeout))
 
         arrival = Arrival(header_works=[Meeting()])
-        arrival.posted.set()
         arrival.started = time.perf_counter()
         arrival.wait_in_background(arrival.started, blocking=False)
         return arrival
@@ -217,30 +229,37 @@ class FakeComm:
 
     # ------------------------------------------------------------ point to point
     def post_swap(self, sends: dict[int, list[torch.Tensor]],
-                  receives: dict[int, list[torch.Tensor]]) -> PendingSwap:
+                  receives: dict[int, list[torch.Tensor]], check, channel: int = 0
+                  ) -> PendingSwap:
         pending = PendingSwap(time.perf_counter())
         for peer, tensors in sends.items():
-            receive_swap = self._receives.get(peer, 0)
-            self._receives[peer] = receive_swap + 1
-            self.network.send(self.rank, peer, tensors)
-            arrival = Arrival(header_works=[self.network.receive(peer, self.rank, receive_swap,
-                                                                 receives[peer])])
-            arrival.posted.set()
+            receive_swap = self._receives.get((peer, channel), 0)
+            self._receives[(peer, channel)] = receive_swap + 1
+            self.network.send(self.rank, peer, tensors, channel)
+            arrival = Arrival(header_works=[self.network.receive(
+                peer, self.rank, (channel, receive_swap), receives[peer], check)])
             arrival.wait_in_background(pending.started, blocking=False)
             pending.arrivals[peer] = arrival
         return pending
 
     def wait_swap(self, pending: PendingSwap) -> tuple[dict[int, Arrival], dict[int, str]]:
+        """Wait ``peer_timeout`` for each peer; past it, go on waiting while the peer still runs
+        (it is late, not lost), up to 4 x ``peer_timeout``, as ``Comm`` does with its pings."""
         arrived, failed = {}, {}
+        limit = pending.started + 4 * self.peer_timeout
         for peer, arrival in pending.arrivals.items():
-            if arrival.join(pending.started + self.peer_timeout):
-                arrived[peer] = arrival
+            deadline = pending.started + self.peer_timeout
+            while not arrival.join(deadline):
+                if arrival.error or peer in self.network.finished or deadline >= limit:
+                    failed[peer] = arrival.error or self.silence
+                    break
+                deadline = min(limit, time.perf_counter() + self.peer_timeout)
             else:
-                failed[peer] = arrival.error or self.silence
+                arrived[peer] = arrival
         return arrived, failed
 
 
-def run_workers(fn: Callable[..., Any], world_size: int, *args: Any, peer_timeout: float = 1.0,
+def run_workers(fn: Callable[..., Any], world_size: int, *args: Any, peer_timeout: float = 30.0,
                 faults: list[Fault] | None = None, dead: tuple[int, ...] = (),
                 timeout: float = 60.0) -> list[Any]:
     """``fn(rank, comm, *args)`` on ``world_size`` threads of one ``FakeNetwork``; ranks in
@@ -257,6 +276,7 @@ def run_workers(fn: Callable[..., Any], world_size: int, *args: Any, peer_timeou
             results[rank] = fn(rank, network.endpoint(rank), *args)
         except BaseException:  # noqa: BLE001 - reported to the caller
             errors[rank] = traceback.format_exc()
+        network.finished.add(rank)
 
     threads = [threading.Thread(target=run, args=(r,), daemon=True)
                for r in range(world_size) if r not in dead]

@@ -62,7 +62,7 @@ def _metrics_and_consensus(rank, world_size):
 def test_metrics_and_consensus_model():
     for r in run_ranks(_metrics_and_consensus, 4):
         metrics = r["metrics"]
-        header = (2 + 4) * 8  # fp64: round, health, lost flags of the 4 ranks
+        header = (4 + 4) * 8  # fp64: round, health, layout (2), lost flags of the 4 ranks
         assert metrics.bytes_sent == (r["numel"] * 4 + header) * r["peers"] and r["peers"] == 2
         assert metrics.peer_distance == pytest.approx(r["expected_peer"], rel=1e-4)
         assert metrics.consensus_distance == pytest.approx(r["expected_consensus"], rel=1e-4)

@@ -117,7 +117,7 @@ def test_a_worker_that_keeps_turning_nan_stops_the_run_with_a_clear_error(tmp_pa
                                                      init=False)
     assert kind1 == "NonFiniteError" and "non-finite in 3 rounds in a row" in message1
     assert "max_bad_rounds" in message1
-    assert kind0 == "PeerLostError" and "rank 1" in message0 and "stopped answering" in message0
+    assert kind0 == "PeerLostError" and "rank 1" in message0 and " is lost" in message0
 
 
 def _frozen_peer_in_a_raw_loop(rank, world_size):
@@ -314,3 +314,30 @@ def test_resuming_on_more_workers_keeps_old_states_and_starts_new_ones_from_the_
     average = sum(s["gasloc"]["fragments"][0]["outer"]["state"][0]["momentum_buffer"] for s in saved) / 2
     assert torch.allclose(momentum[0], average, atol=1e-7)
     assert rounds == 4 and all(torch.equal(f, finals[0]) for f in finals)
+
+
+def _resized_messages(rank, world_size, extra):
+    model = TinyNet()
+    inner = torch.optim.SGD(model.parameters(), lr=0.05)
+    engine = GASLoC(model, inner, topology="1peer", local_steps=1, peer_timeout=30)
+    if rank == 1:  # a worker whose messages are longer (extra > 0) or shorter than announced
+        from hf_gasloc.wire.header import layout_of
+        wire = engine.fragments[0].wire
+        wire.messages[0] = torch.zeros(wire.messages[0].numel() + extra)
+        engine.fragments[0].exchange.layout = layout_of(wire.messages, "native")
+    started = time.monotonic()
+    try:
+        local_step(model, inner, rank, 0)
+    except PeerLostError as error:
+        return str(error), time.monotonic() - started, bool(torch.isfinite(flat(model)).all())
+    return None
+
+
+def test_a_message_longer_or_shorter_than_expected_is_refused_by_both_ends():
+    """On gloo a longer message aborts the receiving process, a shorter one leaves garbage in
+    the buffer's tail; the header announces the layout, and both ends skip what does not fit."""
+    for extra in (1000, -10):
+        for rank, (error, seconds, finite) in enumerate(run_ranks(_resized_messages, 2, extra)):
+            peer = 1 - rank
+            assert f"rank {peer} (" in error and "every other worker is lost" in error, error
+            assert seconds < 10 and finite  # at once, not after peer_timeout

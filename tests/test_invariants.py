@@ -1,10 +1,10 @@
 """ALGORITHM.md's invariants, on real gloo process groups."""
 
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from hf_gasloc import GASLoC
+from hf_gasloc.fabric import gather_json
 from hf_gasloc.integrations.ddp import disable_gradient_sync
 
 from .distributed import count_collectives, run_ranks
@@ -99,9 +99,8 @@ def _graphs_and_resume(rank, world_size, folder):
         train_rounds(model, inner, engine, rank, rounds, save_to=None if resume else checkpoint)
         return flat(model), engine
     uninterrupted, engine = run(6)
-    graphs = [engine.topology.graph(t) for t in range(20)]
-    every_rank = [None] * world_size
-    dist.all_gather_object(every_rank, graphs)
+    graphs = [engine.topology.graph(t).matrix() for t in range(20)]
+    every_rank = gather_json(graphs)
     resumed, _ = run(6, resume=True)
     return every_rank, uninterrupted, resumed
 

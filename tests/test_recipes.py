@@ -16,13 +16,11 @@ def _smoke(rank, world_size, output_dir):
     results = {}
     for path in RECIPES:
         out = f"{output_dir}/{path.stem}"
-        args = run_clm.parse_arguments([
+        arguments = run_clm.parse_arguments([
             "--recipe", str(path), "--recipe_smoke_test", "--output_dir", out,
             "--train_file", str(DATA / "pydocs_train.parquet"),
-            "--validation_file", str(DATA / "pydocs_validation.parquet")])
-        plugin = args[3]
-        callbacks = [run_clm.GASLoCCallback(plugin)] if plugin.enabled else []
-        trainer = run_clm.run(*args[:5], callbacks)
+            "--validation_file", str(DATA / "pydocs_validation.parquet"), "--eval_on_start"])
+        trainer = run_clm.run(arguments)
         results[path.stem] = (trainer.state.global_step, json.loads(
             (Path(out) / "all_results.json").read_text()) if rank == 0 else None)
     return results

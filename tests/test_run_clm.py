@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from hf_gasloc.integrations.ddp import disable_gradient_sync
+from hf_gasloc.round.outer_defaults import choose_outer
 from hf_gasloc.integrations.trainer import _calling_trainer
 
 from examples import run_clm
@@ -37,17 +38,20 @@ def launch(output_dir, *flags, processes=2, log=None):
     done = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-4000:]
     if log is not None:
-        log.append(done.stderr)
+        log.append(done.stdout + done.stderr)
     return json.loads((Path(output_dir) / "all_results.json").read_text())
 
 
 def test_default_run_lowers_the_loss_and_writes_results(tmp_path):
     results = launch(tmp_path, "--gasloc_topology", "1peer", "--gasloc_local_steps", "4",
-                     "--max_steps", "24")
+                     "--max_steps", "24", "--eval_on_start")
     assert results["world_size"] == 2
     assert results["gasloc/rounds"] == 6 and results["gasloc_topology"] == "1peer"
-    used = results["gasloc_config"]  # every setting the run used, embedded defaults included
-    assert (used["local_steps"], used["outer_lr"], used["outer_momentum"]) == (4, 0.4, 0.5)
+    used = results["gasloc_config"]  # every setting the run used, the outer ones filled from H
+    chosen = choose_outer(None, None, None, 4)
+    assert (used["local_steps"], used["outer_optimizer"], used["outer_lr"],
+            used["outer_momentum"]) == (4, chosen.optimizer, chosen.lr, chosen.momentum)
+    assert results["gasloc_outer_defaults"] == chosen.why and "default for H = 4" in chosen.why
     assert results["eval_loss"] < results["start_eval_loss"] - 0.3
     assert results["perplexity"] == pytest.approx(math.exp(results["eval_loss"]))
     assert 0 <= results["eval_accuracy"] <= 1
@@ -86,24 +90,21 @@ class DiLoCoCallback(TrainerCallback):
 
 
 def _reference(rank, world_size, output_dir, flags, kind):
-
-    model_args, data_args, training_args, plugin, embedded, _ = run_clm.parse_arguments(
-        ["--output_dir", output_dir, *SMALL, *flags])
+    arguments = run_clm.parse_arguments(["--output_dir", output_dir, *SMALL, *flags])
     if kind == "diloco":
-        run_clm.run(model_args, data_args, training_args, plugin, embedded,
-                    [DiLoCoCallback(plugin.local_steps, plugin.outer_lr, plugin.outer_momentum)])
+        outer, _ = arguments.gasloc.with_outer_defaults()  # what the GASLoC run uses for this H
+        run_clm.run(arguments, [DiLoCoCallback(outer.local_steps, outer.outer_lr,
+                                               outer.outer_momentum)])
         return None
     # Plain DDP, built here without the script's run(): the same model and data, a bare Trainer.
     from transformers import AutoTokenizer, Trainer, default_data_collator, set_seed
+    model_args, data_args, training_args = arguments[:3]
     set_seed(training_args.seed)
-    data_args.train_file = str(SCRIPT.parent / "data" / "pydocs_train.parquet")
-    data_args.validation_file = str(SCRIPT.parent / "data" / "pydocs_validation.parquet")
     tokenizer = AutoTokenizer.from_pretrained(SCRIPT.parent / "data" / "tokenizer")
     model = run_clm.load_model(model_args, len(tokenizer))
     train, validation = run_clm.load_blocks(data_args, training_args, tokenizer, model)
     trainer = Trainer(model=model, args=training_args, train_dataset=train,
                       eval_dataset=validation, data_collator=default_data_collator)
-    trainer.evaluate()  # the script measures the starting loss (its loader draws a seed)
     trainer.train()
     trainer.save_model()
     trainer.accelerator.wait_for_everyone()
@@ -146,18 +147,17 @@ def test_a_restarted_run_resumes_from_its_newest_complete_checkpoint_bit_for_bit
     assert all(torch.equal(uninterrupted[k], resumed[k]) for k in uninterrupted)
 
 
-def test_the_embedded_default_outer_settings_yield_to_flags_and_environment(monkeypatch):
+def test_the_embedded_defaults_yield_to_flags_and_environment(monkeypatch):
+    def settings(*flags):
+        arguments = run_clm.parse_arguments(list(flags))
+        return arguments.gasloc.local_steps, arguments.training.max_steps, arguments.embedded
 
-    def outer(*flags):
-        plugin = run_clm.parse_arguments(list(flags))[3]
-        return plugin.outer_lr, plugin.outer_momentum, plugin.local_steps
-
-    assert outer() == (0.4, 0.5, 10)  # docs/results.md#the-default-run
-    assert outer("--gasloc_outer_lr", "0.7") == (0.7, 0.5, 10)
-    monkeypatch.setenv("ACCELERATE_GASLOC_OUTER_MOMENTUM", "0.9")
-    assert outer() == (0.4, 0.9, 10)
+    assert settings() == (10, 150, True)
+    assert settings("--gasloc_local_steps", "5", "--max_steps", "20") == (5, 20, True)
+    monkeypatch.setenv("ACCELERATE_GASLOC_LOCAL_STEPS", "7")
+    assert settings() == (7, 150, True)
     own_data = str(SCRIPT.parent / "data" / "pydocs_train.parquet")
-    assert outer("--train_file", own_data)[:2] == (0.7, 0.9)  # not the embedded run: no defaults
+    assert settings("--train_file", own_data, "--do_train")[::2] == (7, False)
 
 
 @pytest.mark.parametrize("flags,message", [

@@ -73,7 +73,7 @@ def save_training(model, inner, engine, path: str) -> None:
 
 
 def load_training(model, inner, engine, path: str) -> None:
-    saved = torch.load(path, weights_only=False)
+    saved = torch.load(path, weights_only=True)
     model.load_state_dict(saved["model"])
     inner.load_state_dict(saved["inner"])
     engine.load_state_dict(saved["engine"])

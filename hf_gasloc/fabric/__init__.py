@@ -7,8 +7,8 @@ the liveness pings that tell a late peer from a lost one (``liveness.py``), and
 the lost peers this worker knows of (``membership.py``).
 """
 
-from .comm import Comm
+from .comm import Comm, gather_json
 from .membership import LostPeers
 from .waiting import Arrival, PendingSwap
 
-__all__ = ["Arrival", "Comm", "LostPeers", "PendingSwap"]
+__all__ = ["Arrival", "Comm", "LostPeers", "PendingSwap", "gather_json"]

@@ -15,6 +15,7 @@ Every wait on a peer has a deadline, ``peer_timeout`` (``waiting.py``).
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 import uuid
@@ -30,6 +31,7 @@ from .point_to_point import PointToPoint
 from .waiting import Arrival
 
 OUT_OF_REACH = timedelta(days=30)  # gloo's own timeout: our deadlines come first
+MAX_JSON_BYTES = 1 << 20  # start-up exchanges (settings, hosts, checkpoint problems)
 
 
 class Comm(PointToPoint):
@@ -49,7 +51,7 @@ class Comm(PointToPoint):
             r if group is None else dist.get_global_rank(group, r) for r in range(self.world_size)
         ]
         self.peer_timeout = peer_timeout
-        everyone = self.all_gather_object((socket.gethostname(), uuid.uuid4().hex[:12]))
+        everyone = self.all_gather_json((socket.gethostname(), uuid.uuid4().hex[:12]))
         self.hosts = [host for host, _ in everyone]
         self.run_id = everyone[0][1]  # rank 0's: the same on every rank
         self.gossip_group = dist.new_group(
@@ -82,10 +84,9 @@ class Comm(PointToPoint):
         return torch.device("cuda", torch.cuda.current_device())
 
     # ------------------------------------------------------------ collectives
-    def all_gather_object(self, value: Any) -> list[Any]:
-        gathered: list[Any] = [None] * self.world_size
-        dist.all_gather_object(gathered, value, group=self.group)
-        return gathered
+    def all_gather_json(self, value: Any) -> list[Any]:
+        """Every rank's ``value``, as JSON (``gather_json``)."""
+        return gather_json(value, self.group, self.staging_device(torch.device("cpu")))
 
     @torch.no_grad()
     def broadcast_from_first_(self, tensors: list[torch.Tensor]) -> None:
@@ -108,7 +109,6 @@ class Comm(PointToPoint):
 
     def _post_collective(self, works: list) -> Arrival:
         arrival = Arrival(header_works=works)
-        arrival.posted.set()
         arrival.wait_in_background(time.perf_counter(), self.blocking_waits)
         arrival.started = time.perf_counter()
         return arrival
@@ -158,3 +158,29 @@ class Comm(PointToPoint):
 
     def set_group_timeout(self, timeout: timedelta) -> None:
         dist.distributed_c10d._set_pg_timeout(timeout, self.group)
+
+
+def gather_json(value: Any, group: dist.ProcessGroup | None = None,
+                device: torch.device = torch.device("cpu")) -> list[Any]:
+    """Every rank's ``value``, sent as JSON: data, never code (nothing another rank sends is
+    unpickled), at most ``MAX_JSON_BYTES`` each, the sizes checked before the bytes are read;
+    tuples arrive as lists. Collective over ``group``; ``device``: where the backend wants
+    tensors (CPU for gloo, the GPU for NCCL)."""
+    rank = dist.get_rank(group)
+    data = json.dumps(value, sort_keys=True, default=repr).encode()
+    if len(data) > MAX_JSON_BYTES:
+        raise ValueError(f"GASLoC rank {rank}: {len(data)} bytes to gather, more than "
+                         f"{MAX_JSON_BYTES}.")
+    size = torch.tensor([len(data)], dtype=torch.int64, device=device)
+    sizes = [torch.empty_like(size) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(sizes, size, group=group)
+    lengths = [int(n) for n in sizes]
+    if not all(0 <= n <= MAX_JSON_BYTES for n in lengths):
+        raise ValueError(f"GASLoC rank {rank}: a rank announced {max(lengths)} bytes to gather, "
+                         f"more than {MAX_JSON_BYTES}.")
+    mine = torch.zeros(max(lengths), dtype=torch.uint8)
+    mine[:len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    mine = mine.to(device)
+    everyone = [torch.empty_like(mine) for _ in sizes]
+    dist.all_gather(everyone, mine, group=group)
+    return [json.loads(bytes(t[:n].cpu().tolist())) for t, n in zip(everyone, lengths)]

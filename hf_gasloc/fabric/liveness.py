@@ -64,6 +64,5 @@ class Liveness:
                     dist.irecv(age, self.global_ranks[peer], self.group, tag=PONG)])
             except RuntimeError:  # its connection is gone
                 return False
-            arrival.posted.set()
             arrival.wait_in_background(started, blocking=False)
             return arrival.join(started + self.seconds) and float(age) < self.peer_timeout

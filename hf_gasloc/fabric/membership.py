@@ -29,11 +29,12 @@ class LostPeers:
         return f"rank {rank} ({self.hosts[rank]})"
 
     def mark(self, rank: int, when: str, reason: str) -> None:
-        """This worker itself found ``rank`` unresponsive ``when`` (e.g. ``"round 7"``)."""
+        """This worker itself found ``rank`` silent, unreachable or unfit ``when`` (e.g.
+        ``"round 7"``), for ``reason``."""
         if not self.flags[rank]:
             self.flags[rank] = True
             self.when[rank] = when
-            logger.warning("GASLoC %s: %s did not answer in %s (%s); going on without it.",
+            logger.warning("GASLoC %s: %s is lost in %s (%s); going on without it.",
                            self.describe(self.rank), self.describe(rank), when, reason)
 
     def merge(self, flags: list[bool], round_index: int) -> None:
@@ -58,7 +59,7 @@ class LostPeers:
         others = [r for r in range(len(self.flags)) if r != self.rank]
         if others and all(self.flags[r] for r in others):
             raise PeerLostError(
-                f"GASLoC {self.describe(self.rank)}: every other worker stopped answering ("
+                f"GASLoC {self.describe(self.rank)}: every other worker is lost ("
                 + ", ".join(f"{self.describe(r)} in {self.when[r]}" for r in others)
                 + "); this worker cannot gossip any more. Restart the job with the workers "
                 "that are alive (docs/reliability.md)."

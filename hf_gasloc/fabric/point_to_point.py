@@ -4,13 +4,16 @@ and waiting with a deadline that tolerates late-but-alive peers (``liveness.py``
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 
-from .waiting import Arrival, PendingSwap, reason
+from .waiting import Arrival, PendingSwap, Refused, reason
 
-ROLL_CALL = 7  # the roll call's tag, apart from the gossip's (tag 0)
+ROLL_CALL = 7  # the roll call's tag, apart from the gossip's
+FIRST_TAG = 100  # gossip: fragment f swaps its header on tag 100 + 2f, its messages on 101 + 2f
+Check = Callable[[int, torch.Tensor], "str | None"]  # (peer, its header) -> why it does not fit
 PATIENCE = 4  # a late peer that answers pings is waited for up to 4 x peer_timeout
 
 
@@ -18,41 +21,55 @@ class PointToPoint:
     """The point-to-point half of ``Comm`` (which provides the group, ranks and liveness)."""
 
     def post_swap(self, sends: dict[int, list[torch.Tensor]],
-                  receives: dict[int, list[torch.Tensor]]) -> PendingSwap:
-        """Start sending ``sends[peer]`` to each peer and receiving ``receives[peer]`` from it.
+                  receives: dict[int, list[torch.Tensor]], check: Check,
+                  channel: int = 0) -> PendingSwap:
+        """Start swapping ``sends[peer]`` for ``receives[peer]`` with each peer.
 
-        The first tensor of each list is the header: it is posted first, and its
-        arrival tells that the peer reached the exchange. Returns at once;
-        ``wait_swap`` waits.
+        The first tensor of each list is the header. On gloo it is swapped first;
+        when the peer's header arrives, ``check(peer, header)`` says whether the
+        messages it announces fit (``None``) or why not, and only then are the
+        messages posted, with exactly the sizes both ends expect: a message never
+        lands in a buffer of another size. ``channel`` (a fragment) keeps the
+        swaps that may be in flight together apart. Returns at once; ``wait_swap``
+        waits.
         """
         pending = PendingSwap(time.perf_counter())
-        ops = {peer: [[self._op(dist.irecv, receives[peer][k], peer),
-                       self._op(dist.isend, sent, peer)] for k, sent in enumerate(tensors)]
-               for peer, tensors in sends.items()}
-        if self.blocking_waits:  # NCCL: one coalesced batch (one work), waited for here
-            everything = [op for pairs in ops.values() for pair in pairs for op in pair]
-            arrival = Arrival(header_works=dist.batch_isend_irecv(everything) if ops else [])
-            arrival.posted.set()
-            arrival.wait_in_background(pending.started, blocking=True)
-            pending.arrivals = dict.fromkeys(ops, arrival)
+        tags = (FIRST_TAG + 2 * channel, FIRST_TAG + 2 * channel + 1)
+        if self.blocking_waits:  # NCCL: one coalesced batch (one work), checked once arrived
+            ops = [op for peer, tensors in sends.items()
+                   for k, sent in enumerate(tensors)
+                   for op in (self._op(dist.irecv, receives[peer][k], peer, tags[k > 0]),
+                              self._op(dist.isend, sent, peer, tags[k > 0]))]
+            batch = dist.batch_isend_irecv(ops) if ops else []
+            for peer in sends:
+                arrival = Arrival(header_works=batch, then=_checked(check, peer, receives[peer][0]))
+                arrival.wait_in_background(pending.started, blocking=True)
+                pending.arrivals[peer] = arrival
             return pending
-        for phase in ("header", "messages"):  # gloo: one work per operation, in order
-            for peer, pairs in ops.items():
-                arrival = pending.arrivals.setdefault(peer, Arrival())
-                if arrival.error:
-                    continue
-                chosen = pairs[:1] if phase == "header" else pairs[1:]
-                try:
-                    works = dist.batch_isend_irecv([op for pair in chosen for op in pair])
-                except RuntimeError as error:  # its connection is already gone
-                    arrival.error, works = reason(error), []
-                if phase == "header":
-                    arrival.header_works = works
-                    arrival.wait_in_background(pending.started, blocking=False)
-                else:
-                    arrival.message_works = works
-                    arrival.posted.set()
+        for peer, tensors in sends.items():
+            arrival = pending.arrivals.setdefault(peer, Arrival())
+            try:
+                arrival.header_works = dist.batch_isend_irecv([
+                    self._op(dist.irecv, receives[peer][0], peer, tags[0]),
+                    self._op(dist.isend, tensors[0], peer, tags[0])])
+            except RuntimeError as error:  # its connection is already gone
+                arrival.error = reason(error)
+                continue
+            arrival.then = self._then_messages(peer, tensors[1:], receives[peer], check, tags[1])
+            arrival.wait_in_background(pending.started, blocking=False)
         return pending
+
+    def _then_messages(self, peer: int, sends: list[torch.Tensor],
+                       receives: list[torch.Tensor], check: Check, tag: int):
+        """Once the peer's header is in ``receives[0]``: check it, then post the messages."""
+        def post() -> list:
+            refusal = check(peer, receives[0])
+            if refusal is not None:
+                raise Refused(refusal)
+            return dist.batch_isend_irecv([op for received, sent in zip(receives[1:], sends)
+                                           for op in (self._op(dist.irecv, received, peer, tag),
+                                                      self._op(dist.isend, sent, peer, tag))])
+        return post
 
     def wait_swap(self, pending: PendingSwap) -> tuple[dict[int, Arrival], dict[int, str]]:
         """Wait, up to ``peer_timeout`` in all, for each peer; returns who answered and who not."""
@@ -109,7 +126,6 @@ class PointToPoint:
                 dist.isend(torch.ones(1, dtype=torch.float64), self._global_ranks[0],
                            self.gossip_group, tag=ROLL_CALL),
                 dist.irecv(missing, self._global_ranks[0], self.gossip_group, tag=ROLL_CALL)])
-            arrival.posted.set()
             arrival.wait_in_background(started, blocking=False)
             if not self._wait_for(arrival, 0, started):
                 return [0]
@@ -119,7 +135,6 @@ class PointToPoint:
             calls[rank] = Arrival(header_works=[dist.irecv(
                 torch.empty(1, dtype=torch.float64), self._global_ranks[rank], self.gossip_group,
                 tag=ROLL_CALL)])
-            calls[rank].posted.set()
             calls[rank].wait_in_background(started, blocking=False)
         answered = [rank for rank, call in calls.items() if self._wait_for(call, rank, started)]
         for rank in set(calls) - set(answered):
@@ -127,10 +142,19 @@ class PointToPoint:
         replies = Arrival(header_works=[
             dist.isend(missing, self._global_ranks[rank], self.gossip_group, tag=ROLL_CALL)
             for rank in answered])
-        replies.posted.set()
         replies.wait_in_background(started, blocking=False)
         self._join(replies, time.perf_counter() + self.peer_timeout)
         return [r for r, m in enumerate(missing.tolist()) if m]
 
-    def _op(self, operation, tensor: torch.Tensor, peer: int) -> dist.P2POp:
-        return dist.P2POp(operation, tensor, self._global_ranks[peer], self.gossip_group)
+    def _op(self, operation, tensor: torch.Tensor, peer: int, tag: int) -> dist.P2POp:
+        return dist.P2POp(operation, tensor, self._global_ranks[peer], self.gossip_group, tag=tag)
+
+
+def _checked(check: Check, peer: int, header: torch.Tensor):
+    """NCCL: everything arrived in one batch; a header that does not fit discards the rest."""
+    def after() -> list:
+        refusal = check(peer, header)
+        if refusal is not None:
+            raise Refused(refusal)
+        return []
+    return after

@@ -13,16 +13,22 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Callable
+
+
+class Refused(Exception):
+    """The first part of an exchange arrived, and what it announced does not fit: the rest is
+    neither sent nor received."""
 
 
 @dataclass
 class Arrival:
-    """One peer's part of an exchange: its works, and when they completed
-    (seconds since the exchange was posted)."""
+    """One peer's part of an exchange: the works of its first part (a header, or a collective),
+    what to post once they complete (``then``: the messages, after checking the header), and
+    when each part completed (seconds since the exchange was posted)."""
 
     header_works: list = field(default_factory=list)
-    message_works: list = field(default_factory=list)
-    posted: threading.Event = field(default_factory=threading.Event)
+    then: Callable[[], list] | None = None
     ready: float = 0.0  # its header arrived: the peer reached the exchange
     done: float = 0.0  # every message, both ways
     error: str | None = None
@@ -30,17 +36,18 @@ class Arrival:
     started: float = 0.0  # when it was posted (collectives)
 
     def wait_in_background(self, started: float, blocking: bool) -> None:
-        """Wait for the header's works, then (once posted) the messages'; record when."""
+        """Wait for the first part's works, post and wait for the rest; record when."""
 
         def wait() -> None:
             try:
                 for work in self.header_works:
                     work.wait()
                 self.ready = time.perf_counter() - started
-                self.posted.wait()
-                for work in self.message_works:
+                for work in self.then() if self.then is not None else []:
                     work.wait()
                 self.done = time.perf_counter() - started
+            except Refused as refused:
+                self.error = str(refused)
             except Exception as error:  # noqa: BLE001 - reported to the caller
                 self.error = reason(error)
 

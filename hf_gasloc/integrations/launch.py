@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 import uuid
+from pathlib import Path
 
 import torch
 
@@ -35,6 +36,30 @@ def gpu_command(script: str, argv: list[str]) -> str | None:
         return None
     return (f"accelerate launch --multi_gpu --num_processes {count} {script} " + " ".join(argv)
             ).strip()
+
+
+def run_local_workers_if_alone(workers: int, script: str, argv: list[str]) -> bool:
+    """Started alone on a machine without GPUs: run ``script argv`` on ``workers`` local GASLoC
+    workers, wait for them, and return ``True`` (the caller stops). Otherwise return ``False``
+    (the caller trains in this process), with a warning when this process will train alone."""
+    if not launched_alone():
+        return False
+    command = gpu_command(script, argv)
+    if command is not None or torch.cuda.is_available():
+        logger.warning("%s runs as a single process on a machine with %d GPU(s): GASLoC needs at "
+                       "least 2 workers. %s", Path(script).name, torch.cuda.device_count(),
+                       f"Use them all with: {command}" if command else
+                       "With one GPU, start workers on several machines (docs/guide/recipes.md).")
+        return False
+    if workers <= 0:
+        logger.warning("%s: --local_workers 0: this single process trains alone, which is plain "
+                       "AdamW, not decentralized training.", Path(script).name)
+        return False
+    print(f"{Path(script).name}: no launcher started several processes and this machine has no "
+          f"GPU: starting {workers} local GASLoC workers (torch elastic launcher, gloo); "
+          "--local_workers N changes that, 0 trains alone.", flush=True)
+    start_local_workers(workers, script, argv)
+    return True
 
 
 def start_local_workers(workers: int, script: str, argv: list[str]) -> None:

@@ -13,15 +13,20 @@ from typing import Any, Callable
 TAGS = ["gasloc", "decentralized-training"]
 
 
-def card_section(settings: dict[str, Any], world_size: int, metrics: dict[str, float]) -> str:
-    """A Markdown section: the run's GASLoC settings and what its rounds did."""
-    rows = [("workers", world_size), *settings.items(),
-            ("rounds", metrics.get("gasloc/rounds", 0)),
-            ("bytes sent per worker", f"{metrics.get('gasloc/bytes_sent_total', 0):,}"),
-            ("inner steps per worker", metrics.get("gasloc/inner_steps_total",
-                                                   metrics.get("gasloc/inner_steps", 0))),
-            ("non-finite recoveries", metrics.get("gasloc/recoveries", 0)),
-            ("lost peers", metrics.get("gasloc/lost_peers", 0))]
+def card_section(summary: dict[str, Any]) -> str:
+    """A Markdown section from ``GASLoCCallback.summary()``: the run's settings (the outer ones
+    with why) and what its rounds did."""
+    metrics = {k.removeprefix("gasloc/"): v for k, v in summary.items() if k.startswith("gasloc/")}
+    steps = f"{metrics.get('inner_steps_total', 0)}"
+    if metrics.get("inner_steps_unfinished"):
+        steps += f" ({metrics['inner_steps_unfinished']} of them after the last round)"
+    rows = [("workers", summary["gasloc_workers"]), *summary["gasloc_config"].items(),
+            ("outer settings", summary["gasloc_outer_defaults"]),
+            ("rounds", metrics.get("rounds", 0)),
+            ("bytes sent per worker", f"{metrics.get('bytes_sent_total', 0):,}"),
+            ("inner steps per worker", steps),
+            ("non-finite recoveries", metrics.get("recoveries", 0)),
+            ("lost peers", metrics.get("lost_peers", 0))]
     table = "\n".join(f"| {name} | {value} |" for name, value in rows)
     return ("\n\n## Decentralized training (GASLoC)\n\n"
             "This model was pretrained with GASLoC (Cagnasso, Belilovsky, Oyallon, arXiv "

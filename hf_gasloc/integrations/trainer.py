@@ -96,10 +96,7 @@ class GASLoCCallback(TrainerCallback):
         return self
 
     def _card_section(self) -> str:
-        if self.engine is None:
-            return ""
-        return card_section(self.engine.config.to_dict(), self.engine.world_size,
-                            self.engine.metrics())
+        return "" if self.engine is None else card_section(self.summary())
 
     def _bound_trainer(self) -> Trainer:
         if self.trainer is None:
@@ -211,8 +208,9 @@ class GASLoCCallback(TrainerCallback):
         raise PeerLostError(
             f"GASLoC {lost.describe(self.engine.rank)}: "
             + ", ".join(f"{lost.describe(r)} (in {lost.when[r]})" for r in lost.lost)
-            + " stopped answering (peer_timeout="
-            f"{self.engine.config.peer_timeout:g} s). The Trainer's logging, evaluation and "
+            + " is lost: it stopped answering within peer_timeout="
+            f"{self.engine.config.peer_timeout:g} s, its connection broke, or its messages did "
+            "not fit (the warning above says which). The Trainer's logging, evaluation and "
             "checkpoints need every rank, so this run stops here. Restart it with the workers "
             "that are alive (torchrun --nnodes MIN:MAX --max-restarts N, docs/reliability.md): "
             "run_clm.py resumes from the newest complete checkpoint"
@@ -256,6 +254,14 @@ class GASLoCCallback(TrainerCallback):
             self._own_parameters = None
 
     # -------------------------------------------------------------- metrics
+    def summary(self) -> dict[str, Any]:
+        """What the run used and did, for ``all_results.json``: every setting (the outer ones
+        filled from ``H`` when unset, and why), then the totals of ``engine.metrics()``."""
+        engine = self.engine
+        return {"gasloc_config": engine.config.to_dict(),
+                "gasloc_outer_defaults": engine.outer_choice.why,
+                "gasloc_workers": engine.world_size, **engine.metrics()}
+
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.engine is None or logs is None or any(k.startswith("eval_") for k in logs):
             return

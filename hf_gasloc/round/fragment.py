@@ -33,7 +33,7 @@ from ..fabric import Comm, LostPeers
 from ..schedule.graphs import RoundGraph
 from ..schedule.local_steps import LocalStepsPolicy
 from ..state.flat import FlatModel, views_of
-from ..wire import ExchangeStats, GossipExchange, Header, InTransit, make_wire
+from ..wire import ExchangeStats, GossipExchange, InTransit, make_wire
 from .consensus import consensus_spread
 from .health import Health, squared_norm
 from .outer import OuterRule
@@ -91,11 +91,11 @@ class Fragment:
     snapshot a delayed round keeps."""
 
     def __init__(self, flat: FlatModel, outer: OuterRule, worker: Worker, config: GASLoCConfig,
-                 synchronous: bool):
+                 synchronous: bool, channel: int = 0):
         self.flat, self.outer, self.worker = flat, outer, worker
         device = worker.comm.staging_device(flat.device)
         self.wire = make_wire(flat, device, config.payload, config.payload_form, synchronous)
-        self.exchange = GossipExchange(self.wire, worker.comm, device)
+        self.exchange = GossipExchange(self.wire, worker.comm, device, channel)
         self.consensus_every = config.consensus_every
         # Delayed: x at the start, to keep the progress made while the exchange travels.
         self.snapshots = ([torch.empty_like(w) for w in flat.works] if config.outer_delay
@@ -150,9 +150,9 @@ class Fragment:
         worker = self.worker
         posted.peers = worker.lost.alive(posted.plan.graph.peers[worker.comm.rank])
         if posted.peers:  # else this worker sits the round out
-            header = Header(posted.plan.index, posted.healthy, list(worker.lost.flags),
-                            worker.local_steps.table())
-            posted.transit = self.exchange.post(list(posted.peers), header)
+            posted.transit = self.exchange.post(list(posted.peers), posted.plan.index,
+                                                posted.healthy, list(worker.lost.flags),
+                                                worker.local_steps.table())
 
     # ----------------------------------------------------------------- finish
     @torch.no_grad()

@@ -40,14 +40,12 @@ class RoundMetrics:
 class Totals:
     """Running sums over the whole run, saved with checkpoints."""
 
-    rounds: int = 0
-    inner_steps: int = 0
+    rounds: int = 0  # rounds that landed
     bytes_sent: int = 0
     comm_seconds: float = 0.0
 
     def add(self, metrics: RoundMetrics) -> None:
         self.rounds += 1
-        self.inner_steps += metrics.inner_steps
         self.bytes_sent += metrics.bytes_sent
         self.comm_seconds += metrics.comm_seconds
 
@@ -59,11 +57,14 @@ class Totals:
             setattr(self, key, value)
 
 
-def as_log(metrics: RoundMetrics | None, totals: Totals, prefix: str = "gasloc/") -> dict[str, float]:
-    """Flat, numeric values for ``Trainer.log`` / ``accelerator.log``."""
+def as_log(metrics: RoundMetrics | None, totals: Totals, inner_steps: int, unfinished: int,
+           prefix: str = "gasloc/") -> dict[str, float]:
+    """Flat, numeric values for ``Trainer.log`` / ``accelerator.log``. ``inner_steps``: every
+    inner step taken; ``unfinished``: how many of them belong to the round in progress."""
     log: dict[str, float] = {
         "rounds": totals.rounds,
-        "inner_steps_total": totals.inner_steps,
+        "inner_steps_total": inner_steps,
+        "inner_steps_unfinished": unfinished,
         "bytes_sent_total": totals.bytes_sent,
         "comm_seconds_total": totals.comm_seconds,
     }

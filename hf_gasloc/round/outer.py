@@ -1,12 +1,12 @@
-"""The outer optimizer: its names, their defaults and checks, and building it on the anchors.
+"""The outer optimizer: its names and checks, and the rule built on each fragment's anchors.
 
 ``sgd``, ``sgdm`` and ``nesterov`` are ``torch.optim.SGD`` without momentum, with
 heavy-ball momentum and with Nesterov momentum. ``iterate_momentum`` is the
 paper's accelerated form as transcribed publicly: momentum on the proposals
-rather than on the anchor (``IterateMomentum``; ``docs/algorithm.md`` relates it
-to ours and to DiLoCo). A ``torch.optim`` class or factory (``params ->
-Optimizer``), or an instance whose class and hyper-parameters are reused, also
-works. Defaults follow DiLoCo (Douillard et al., 2023): Nesterov, momentum 0.9.
+rather than on the anchor (``IterateMomentum``; ``docs/guide/algorithm.md``
+relates it to ours and to DiLoCo). A ``torch.optim`` class or factory (``params
+-> Optimizer``), or an instance whose class and hyper-parameters are reused, also
+works. What an unset name, lr or momentum becomes: ``outer_defaults.py``.
 """
 
 from __future__ import annotations
@@ -15,48 +15,49 @@ from typing import Any, Callable, Union
 
 import torch
 
-from ..values import number
+from ..values import number, positive_float
 
 OUTER_OPTIMIZERS = ("sgd", "sgdm", "nesterov", "iterate_momentum")
 OUTER_OPTIMIZER_HELP = (
     "outer optimizer: sgd, sgdm, nesterov, iterate_momentum (the paper's form: momentum on "
     "the proposals), a torch.optim class/factory, or an instance (its class and "
-    "hyper-parameters are reused on the fp32 anchors)"
+    "hyper-parameters are reused on the fp32 anchors); unset: chosen from H "
+    "(hf_gasloc/round/outer_defaults.py)"
 )
-OUTER_MOMENTUM_HELP = ("outer momentum mu (default 0.9 for sgdm/nesterov, 0.5 for "
-                       "iterate_momentum, 0 for sgd)")
-DEFAULT_MOMENTUM = {"sgd": 0.0, "sgdm": 0.9, "nesterov": 0.9, "iterate_momentum": 0.5}
+OUTER_LR_HELP = "outer learning rate eta; unset: chosen from H (hf_gasloc/round/outer_defaults.py)"
+OUTER_MOMENTUM_HELP = ("outer momentum mu, in [0, 1); unset: chosen from H and the optimizer "
+                       "(hf_gasloc/round/outer_defaults.py)")
 
 OuterOptimizer = Union[str, Callable[..., torch.optim.Optimizer], torch.optim.Optimizer]
 
 
-def resolve_outer_optimizer(
-    spec: OuterOptimizer, momentum: Any
-) -> tuple[OuterOptimizer, float | None]:
-    """Check ``outer_optimizer`` and ``outer_momentum`` together; fill the momentum's default.
-
-    Returns the normalised name (or the object unchanged) and the momentum
-    (``None`` for an object, which carries its own).
-    """
+def check_outer_settings(spec: OuterOptimizer | None, lr: Any, momentum: Any
+                         ) -> tuple[OuterOptimizer | None, float | None, float | None]:
+    """Check the outer settings the user gave (``None``: left to the defaults) and normalise
+    them: a known name, a finite ``lr > 0``, a momentum in ``[0, 1)`` that fits the name."""
+    if lr is not None:
+        lr = positive_float("outer_lr", lr)
+    if momentum is not None:
+        momentum = number("outer_momentum", momentum)
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"outer_momentum must be in [0, 1), got {momentum} "
+                             "(--gasloc_outer_momentum).")
+    if spec is None:
+        return None, lr, momentum
     if not isinstance(spec, str):
-        if momentum is not None:
+        if momentum is not None or lr is not None:
             raise ValueError(
-                "outer_momentum is set, but outer_optimizer is a torch.optim object: put the "
-                "momentum in that optimizer and leave outer_momentum unset."
+                "outer_lr / outer_momentum are set, but outer_optimizer is a torch.optim object: "
+                "put them in that optimizer and leave outer_lr and outer_momentum unset."
             )
-        return spec, None
+        return spec, None, None
     name = spec.strip().lower()
     if name not in OUTER_OPTIMIZERS:
         raise ValueError(
             f"unknown outer_optimizer {name!r} (--gasloc_outer_optimizer): choose one of "
             f"{', '.join(OUTER_OPTIMIZERS)}, or pass a torch.optim optimizer."
         )
-    if momentum is None:
-        momentum = DEFAULT_MOMENTUM[name]
-    momentum = number("outer_momentum", momentum)
-    if not 0.0 <= momentum < 1.0:
-        raise ValueError(f"outer_momentum must be in [0, 1), got {momentum}.")
-    if name == "sgd" and momentum != 0.0:
+    if name == "sgd" and momentum:
         raise ValueError(
             f"outer_optimizer 'sgd' has no momentum but outer_momentum={momentum}: "
             "use outer_optimizer 'sgdm' or 'nesterov', or set outer_momentum 0."
@@ -64,9 +65,9 @@ def resolve_outer_optimizer(
     if name in ("sgdm", "nesterov") and momentum == 0.0:
         raise ValueError(
             f"outer_optimizer {name!r} needs outer_momentum > 0: set a momentum "
-            "(DiLoCo uses 0.9) or use outer_optimizer 'sgd'."
+            "or use outer_optimizer 'sgd'."
         )
-    return name, momentum
+    return name, lr, momentum
 
 
 def describe_outer_optimizer(spec: OuterOptimizer) -> Any:

@@ -99,6 +99,14 @@ def describe_local_steps(setting: LocalStepsSetting) -> int | list[int] | str:
     return str(setting) if isinstance(setting, Auto) else setting
 
 
+def nominal_steps(setting: LocalStepsSetting) -> int:
+    """The ``H`` a setting stands for: the number, the largest of a per-rank list (a full-speed
+    worker's), or the target of ``auto:H``."""
+    if isinstance(setting, Auto):
+        return setting.target
+    return setting if isinstance(setting, int) else max(setting)
+
+
 def steps_for_rank(setting: LocalStepsSetting, rank: int, world_size: int) -> int:
     """``H_i`` of ``rank`` (the target for ``auto``); a per-rank list needs one value per rank."""
     if isinstance(setting, Auto):

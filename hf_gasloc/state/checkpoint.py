@@ -111,3 +111,9 @@ def complete_checkpoints(output_dir: str | os.PathLike, gasloc: bool = True) -> 
         else:
             logger.warning("%s is incomplete (a run stopped while saving it); skipped.", folder)
     return [folder for _, folder in sorted(found)]
+
+
+def newest_complete_checkpoint(output_dir: str | os.PathLike, gasloc: bool = True) -> Path | None:
+    """The newest complete ``checkpoint-<step>`` in ``output_dir`` (``None``: there is none)."""
+    found = complete_checkpoints(output_dir, gasloc)
+    return found[-1] if found else None

@@ -39,6 +39,7 @@ class CodecWire(Mixing):
     def __init__(self, flat: FlatModel, device: torch.device, codec, form: str):
         super().__init__()
         self.flat, self.codec, self.form = flat, codec, form
+        self.encoding = f"{codec.name}/{form}"
         works = flat.works
         self.messages = [torch.zeros(codec.wire_bytes(w.numel()), dtype=torch.uint8,
                                      device=device) for w in works]

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..fabric import Arrival, Comm, PendingSwap
-from .header import Header
+from .header import Header, layout_of
 
 
 @dataclass
@@ -59,22 +59,39 @@ def size_of(tensor: torch.Tensor) -> int:
 
 
 class GossipExchange:
-    """Posts and waits for one wire's messages; keeps the receive buffers."""
+    """Posts and waits for one wire's messages; keeps the receive buffers. ``channel`` keeps
+    the exchanges of different fragments, which may be in flight together, apart."""
 
-    def __init__(self, wire, comm: Comm, device: torch.device):
-        self.wire, self.comm, self.device = wire, comm, device
+    def __init__(self, wire, comm: Comm, device: torch.device, channel: int = 0):
+        self.wire, self.comm, self.device, self.channel = wire, comm, device, channel
+        self.layout = layout_of(wire.messages, wire.encoding)
         self._received: dict[int, list[torch.Tensor]] = {}  # peer slot -> header, messages
         self._slots: dict[int, int] = {}  # peer -> its slot this round
 
     # ------------------------------------------------------------ sparse rounds
-    def post(self, peers: list[int], header: Header) -> InTransit:
-        """Start the swap with ``peers``: the header, then the messages, each way."""
-        sent = header.to_tensor().to(self.device)
+    def post(self, peers: list[int], round_index: int, healthy: bool, lost: list[bool],
+             table: torch.Tensor | None) -> InTransit:
+        """Start the swap with ``peers``: the header, then (once it fits) the messages."""
+        sent = Header(round_index, healthy, self.layout, lost, table).to_tensor().to(self.device)
         self._slots = {peer: k for k, peer in enumerate(peers)}
         receives = {peer: self._receive_buffers(k, sent) for k, peer in enumerate(peers)}
         swap = self.comm.post_swap({peer: [sent, *self.wire.messages] for peer in peers},
-                                   receives)
+                                   receives, self._refusal, self.channel)
         return InTransit(swap=swap, header=sent)
+
+    def _refusal(self, peer: int, received: torch.Tensor) -> str | None:
+        """Why the messages ``peer``'s header announces cannot be received here (``None``:
+        they fit). Both ends check the other's header alike, so both skip the messages."""
+        received = received.cpu()
+        malformed = Header.malformed(received, self.comm.world_size)
+        if malformed is not None:
+            return f"rank {peer}'s header is malformed ({malformed})"
+        layout = Header.from_tensor(received, self.comm.world_size).layout
+        if layout != self.layout:
+            return (f"rank {peer} announced {layout[0]:.0f} bytes of messages laid out "
+                    f"differently from this worker's {self.layout[0]:.0f} (another model, "
+                    "payload or fragment split): its messages are not received")
+        return None
 
     def received(self, peer: int) -> list[torch.Tensor]:
         """The messages ``peer`` sent this round (one per dtype group)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -9,20 +10,43 @@ import torch
 
 @dataclass(frozen=True)
 class Header:
-    """A round's header: its index, the sender's health, the ranks it knows lost, and its
-    adaptive ``H_i`` table (empty for a fixed ``H``)."""
+    """A round's header: its index, the sender's health, the layout of the messages that follow
+    (their total bytes and a fingerprint of their dtypes, sizes and encoding), the ranks the
+    sender knows lost, and its adaptive ``H_i`` table (empty for a fixed ``H``)."""
 
     round_index: int
     healthy: bool
+    layout: tuple[float, float]
     lost: list[bool]
     table: torch.Tensor | None = None
 
     def to_tensor(self) -> torch.Tensor:
-        values = [float(self.round_index), float(self.healthy), *map(float, self.lost)]
+        values = [float(self.round_index), float(self.healthy), *self.layout,
+                  *map(float, self.lost)]
         header = torch.tensor(values, dtype=torch.float64)
         return header if self.table is None else torch.cat([header, self.table])
 
     @classmethod
     def from_tensor(cls, tensor: torch.Tensor, world_size: int) -> "Header":
-        lost = [bool(f) for f in tensor[2 : 2 + world_size].tolist()]
-        return cls(int(tensor[0]), bool(tensor[1]), lost, tensor[2 + world_size :])
+        values = tensor.tolist()
+        return cls(int(values[0]), bool(values[1]), (values[2], values[3]),
+                   [bool(f) for f in values[4 : 4 + world_size]], tensor[4 + world_size :])
+
+    @staticmethod
+    def malformed(tensor: torch.Tensor, world_size: int) -> str | None:
+        """Why ``tensor`` is not a header a worker could have sent (``None``: it could be)."""
+        values = tensor.tolist()
+        flags = [values[1], *values[4 : 4 + world_size]]
+        if any(flag not in (0.0, 1.0) for flag in flags):
+            return "its header's flags are not 0 or 1"
+        if not (values[0] == int(values[0]) >= 0 and values[2] == int(values[2]) >= 0):
+            return "its header's round or size is not a whole number"
+        return None
+
+
+def layout_of(messages: list[torch.Tensor], encoding: str) -> tuple[float, float]:
+    """What a header announces of ``messages``: their total bytes and a 52-bit fingerprint of
+    their dtypes, sizes and ``encoding`` (exact in float64)."""
+    shapes = repr([(str(m.dtype), m.numel()) for m in messages] + [encoding])
+    fingerprint = int(hashlib.sha256(shapes.encode()).hexdigest()[:13], 16)
+    return float(sum(m.numel() * m.element_size() for m in messages)), float(fingerprint)

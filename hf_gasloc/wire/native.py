@@ -14,6 +14,7 @@ class NativeWire(Mixing):
     """The parameters' dtype on the wire, no encoding and no state."""
 
     collective = "all_reduce"  # the complete graph sums the messages in place
+    encoding = "native"
 
     def __init__(self, flat: FlatModel, device: torch.device):
         super().__init__()

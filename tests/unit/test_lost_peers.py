@@ -7,6 +7,7 @@ import torch
 from hf_gasloc import GASLoC
 from hf_gasloc.errors import PeerLostError
 from hf_gasloc.schedule.topology import build_topology
+from hf_gasloc.wire.header import layout_of
 
 from ..fake_fabric import Fault, run_workers
 from ..workers import TinyNet, flat, local_step
@@ -65,7 +66,7 @@ def test_a_broken_connection_is_a_loss_at_once_and_an_isolated_worker_stops(capl
     (lost0, error0), (lost1, error1) = run_workers(_two, 2, faults=[Fault("fail", sender=1)],
                                                    peer_timeout=0.5)
     assert (lost0, lost1) == ([1], [0])
-    assert "rank 1 (thread1) in round 0" in error0 and "every other worker stopped" in error0
+    assert "rank 1 (thread1) in round 0" in error0 and "every other worker is lost" in error0
     assert "Connection closed by peer 1" in caplog.text
 
 
@@ -85,5 +86,28 @@ def _alone(rank, comm):
 
 
 def test_the_last_survivor_is_told_why_it_stops():
-    with pytest.raises(AssertionError, match="every other worker stopped answering"):
+    with pytest.raises(AssertionError, match="every other worker is lost"):
         run_workers(_alone, 2, peer_timeout=0.2)
+
+def _odd_layout(rank, comm, odd):
+    model = TinyNet()
+    inner = torch.optim.SGD(model.parameters(), lr=0.05)
+    engine = GASLoC(model, inner, comm=comm, topology="2peer", local_steps=1, seed=3)
+    if rank == odd:  # a peer whose messages are longer than everyone else's
+        exchange = engine.fragments[0].exchange
+        engine.fragments[0].wire.messages[0] = torch.zeros(1000)
+        exchange.layout = layout_of(engine.fragments[0].wire.messages, "native")
+    try:
+        while engine.round < 3:
+            local_step(model, inner, rank, engine.round)
+    except PeerLostError as error:
+        return engine.lost_peers, dict(engine.lost.when), str(error), flat(model)
+    return engine.lost_peers, dict(engine.lost.when), None, flat(model)
+
+
+def test_a_peer_whose_messages_are_laid_out_differently_is_left_out_by_both_ends(caplog):
+    results = run_workers(_odd_layout, 4, 3)
+    for rank, (lost, when, error, live) in enumerate(results[:3]):
+        assert lost == [3] and error is None and torch.isfinite(live).all(), rank
+    assert results[3][0] == [0, 1, 2] and "every other worker is lost" in results[3][2]
+    assert "rank 3 announced 4000 bytes of messages laid out differently" in caplog.text

@@ -58,7 +58,7 @@ def test_bad_recipe_keys_are_clear_errors(tmp_path):
 
 def test_flags_override_the_recipe_and_tokens_set_max_steps():
     recipe_path = str(ROOT / "recipes" / "llama-134m-gasloc-1peer.yaml")
-    _, data_args, training_args, plugin, _, _ = run_clm.parse_arguments(
+    _, data_args, training_args, plugin, *_ = run_clm.parse_arguments(
         ["--recipe", recipe_path, "--gasloc_outer_lr", "0.5", "--learning_rate", "1e-3"])
     assert (plugin.topology, plugin.outer_lr, training_args.learning_rate) == ("1peer", 0.5, 1e-3)
     assert data_args.dataset_name == "HuggingFaceFW/fineweb-edu" and data_args.streaming

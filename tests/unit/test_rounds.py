@@ -93,7 +93,7 @@ def _per_rank(rank, comm):
     while engine.round < 3:
         local_step(model, inner, rank, engine.inner_step)
         rounds.append(engine.round)
-    return rounds, engine.totals.inner_steps, engine.last_round.inner_steps
+    return rounds, engine.inner_step, engine.last_round.inner_steps
 
 
 def test_each_worker_takes_its_own_h_and_every_worker_does_the_same_rounds():

@@ -6,6 +6,7 @@ import torch
 from hf_gasloc import GASLoC
 from hf_gasloc.state.flat import FlatModel
 from hf_gasloc.wire import Header, NativeWire
+from hf_gasloc.wire.header import layout_of
 from hf_gasloc.wire.codec import make_codec
 from hf_gasloc.wire.encoded import CodecWire
 
@@ -13,13 +14,21 @@ from ..fake_fabric import run_workers
 from ..workers import TinyNet, flat, local_step
 
 
-def test_a_header_round_trips_through_its_tensor():
+def test_a_header_round_trips_through_its_tensor_and_a_forged_one_is_malformed():
     table = torch.tensor([0.5, 0.25, 3.0, 4.0], dtype=torch.float64)
-    header = Header(12, False, [False, True], table)
+    layout = layout_of([torch.zeros(10), torch.zeros(3, dtype=torch.bfloat16)], "native")
+    header = Header(12, False, layout, [False, True], table)
     back = Header.from_tensor(header.to_tensor(), world_size=2)
-    assert (back.round_index, back.healthy, back.lost) == (12, False, [False, True])
-    assert torch.equal(back.table, table)
-    assert Header.from_tensor(Header(3, True, [False] * 3).to_tensor(), 3).table.numel() == 0
+    assert (back.round_index, back.healthy, back.layout, back.lost) == (12, False, layout,
+                                                                         [False, True])
+    assert layout[0] == 46 and torch.equal(back.table, table)
+    assert Header.from_tensor(Header(3, True, layout, [False] * 3).to_tensor(), 3).table.numel() == 0
+    assert Header.malformed(header.to_tensor(), 2) is None
+    forged = header.to_tensor()
+    forged[5] = 0.5
+    assert "flags are not 0 or 1" in Header.malformed(forged, 2)
+    assert layout != layout_of([torch.zeros(10), torch.zeros(3)], "native")
+    assert layout != layout_of([torch.zeros(10), torch.zeros(3, dtype=torch.bfloat16)], "int8")
 
 
 def _wire_of(values: torch.Tensor):
@@ -85,7 +94,7 @@ def test_codec_mixing_on_a_sparse_graph_keeps_the_workers_mean_exact():
 
 def test_bytes_are_counted_as_they_travel():
     numel = sum(p.numel() for p in TinyNet().parameters())
-    header = (2 + 4) * 8  # fp64: round, health, the lost flags of 4 ranks
+    header = (4 + 4) * 8  # fp64: round, health, layout (2), the lost flags of 4 ranks
     for payload, per_message in (("native", 4 * numel), ("int8", make_codec("int8").wire_bytes(numel))):
         for _, _, sent, _ in run_workers(_codec_round, 4, payload, "2peer"):
             assert sent == 2 * (header + per_message)  # two peers on a random ring
