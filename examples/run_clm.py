@@ -211,7 +211,7 @@ def parse_arguments(argv: Optional[list[str]] = None) -> Arguments:
         values.update(given)
         model_args, data_args, training_args, gasloc_args, script_args = parser.parse_dict(values)
         gasloc = gasloc_args.to_plugin()
-        _check_together(data_args, training_args, recipe, "max_steps" in values)
+        _check_together(data_args, training_args, gasloc, recipe, "max_steps" in values)
     except (ValueError, FileNotFoundError) as error:
         parser.error(str(error))
     return Arguments(model_args, data_args, training_args, gasloc, script_args, embedded, recipe)
@@ -235,7 +235,8 @@ def _recipe_flags(argv: list[str]) -> tuple[Optional[str], bool]:
     return known.recipe, str(known.recipe_smoke_test).lower() in ("true", "1", "yes")
 
 
-def _check_together(data_args, training_args, recipe: Optional[Recipe], max_steps_given: bool):
+def _check_together(data_args, training_args, gasloc: GASLoCPlugin, recipe: Optional[Recipe],
+                    max_steps_given: bool):
     """What no single argument class can check alone."""
     if not (training_args.do_train or training_args.do_eval):
         raise ValueError("nothing to do: pass --do_train and/or --do_eval (the embedded default "
@@ -246,6 +247,8 @@ def _check_together(data_args, training_args, recipe: Optional[Recipe], max_step
             training_args.gradient_accumulation_steps, data_args.block_size or 1024)
     if data_args.streaming and training_args.do_train and training_args.max_steps <= 0:
         raise ValueError("--streaming needs --max_steps (a stream has no length).")
+    if training_args.world_size > 1:  # a launched worker: the graph and per-rank H, checked now
+        gasloc.check_world(training_args.world_size)
 
 
 def main() -> None:
@@ -275,6 +278,7 @@ def run(arguments: Arguments, callbacks: Optional[list] = None) -> Trainer:
         model_args.tokenizer_name or model_args.model_name_or_path or HERE / "data" / "tokenizer"
     )
     model = load_model(model_args, len(tokenizer))
+    gasloc.check_model(model)  # e.g. fragments: before any data is read or evaluation is run
     train_blocks, eval_blocks = load_blocks(data_args, training_args, tokenizer, model)
     if data_args.streaming:  # each worker reads its own shard; no per-step broadcast
         training_args.accelerator_config.dispatch_batches = False

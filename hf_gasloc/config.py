@@ -170,8 +170,8 @@ class GASLoCConfig:
         """What can be checked once the number of workers is known, before any model or data
         is loaded: the graph (a static graph's ranks, ``gossip_weight`` against its degree) and
         a per-rank ``local_steps`` list."""
-        if self.enabled:
-            build_topology(self.topology, world_size, self.seed, self.gossip_weight)
+        if self.enabled:  # the first graphs, with their weights
+            build_topology(self.topology, world_size, self.seed, self.gossip_weight).fingerprint()
             steps_for_rank(self.local_steps, 0, world_size)
 
     def check_model(self, model: Any) -> None:

@@ -19,7 +19,8 @@ import torch.distributed as dist
 
 from .config import GASLoCConfig
 from .fabric import Comm, LostPeers
-from .identity import agreement, check_ranks_agree, check_resumable, checkpoint_identity
+from .identity import (agreement, changed_at_resume, check_ranks_agree, check_resumable,
+                       checkpoint_identity)
 from .round.consensus import Consensus
 from .round.fragment import Fragment, RoundPlan, Worker
 from .round.health import Health
@@ -82,6 +83,7 @@ class GASLoC:
         self.round = self.steps_in_round = self.inner_step = 0  # inner_step: over the run
         self.totals, self.last_round = Totals(), None
         self._last_step_end: float | None = None
+        self.changed_at_resume: dict[str, tuple[Any, Any]] = {}  # setting: (saved, used)
         if self.rank == 0:
             logger.info("GASLoC on %d workers: %s (%s).", self.world_size,
                         ", ".join(f"{k} {v}" for k, v in config.to_dict().items()),
@@ -192,7 +194,8 @@ class GASLoC:
         """This rank's GASLoC state (each rank saves its own); exchanges in flight are waited
         for and mixed first, and saved as such, so that a resumed run lands them on time."""
         self.scheduler.settle_all()
-        return {"format": STATE_FORMAT, "identity": self.identity(), "round": self.round,
+        return {"format": STATE_FORMAT, "identity": self.identity(),
+                "settings": self.config.to_dict(), "round": self.round,
                 "steps_in_round": self.steps_in_round, "inner_step": self.inner_step,
                 "local_steps": self.local_steps.state_dict(), "lost_peers": self.lost.state_dict(),
                 "health": self.health.state_dict(), "totals": self.totals.state_dict(),
@@ -206,8 +209,12 @@ class GASLoC:
             raise ValueError(f"this GASLoC state has format {state.get('format')!r}, not "
                              f"{STATE_FORMAT}: it was saved by another version of hf_gasloc.")
         check_resumable(state["identity"], self.identity(), "the GASLoC state", resized)
+        in_flight = any(saved["in_flight"] for saved in state["fragments"])
+        self.changed_at_resume = changed_at_resume(state["settings"], self.config.to_dict(),
+                                                   "the GASLoC state", in_flight)
         for fragment, saved in zip(self.fragments, state["fragments"], strict=True):
             fragment.load_state_dict(saved, self.topology.graph)
+            fragment.outer.set_hyperparameters(self.config.outer_lr, self.config.outer_momentum)
         self.scheduler.load_state_dict(state["scheduler"])
         self.totals.load_state_dict(state["totals"])
         self.health.load_state_dict(state["health"])

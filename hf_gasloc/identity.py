@@ -20,7 +20,10 @@ from .fabric import Comm
 from .schedule.graphs import Topology
 from .state.flat import FlatModel
 
-RESUME_KEYS = ("topology", "seed", "payload", "fragments", "parameters")
+RESUME_KEYS = ("topology", "seed", "payload", "payload_form", "fragments", "parameters")
+# Settings whose saved state another value cannot use; every other setting may change at a
+# resume and the new value is used (and logged): the outer lr and momentum, local_steps, ...
+KEPT_AT_RESUME = ("outer_optimizer",)
 
 
 def agreement(config: GASLoCConfig, topology: Topology, flat: FlatModel) -> dict[str, Any]:
@@ -34,8 +37,8 @@ def agreement(config: GASLoCConfig, topology: Topology, flat: FlatModel) -> dict
     return settings
 
 
-def check_ranks_agree(values: dict[str, Any], comm: Comm) -> None:
-    """Gather ``values`` from every rank and raise one error naming each setting that differs."""
+def check_ranks_agree(values: dict[str, Any], comm: Comm, what: str = "GASLoC settings") -> None:
+    """Gather ``values`` from every rank and raise one error naming each one that differs."""
     gathered = comm.all_gather_json(values)
     problems = []
     for key in values:
@@ -45,8 +48,8 @@ def check_ranks_agree(values: dict[str, Any], comm: Comm) -> None:
             problems.append(f"  {key} differs ({per_rank})")
     if problems:
         raise RunMismatchError(
-            "GASLoC settings differ across ranks; launch every rank with the same flags, "
-            "environment and seed:\n" + "\n".join(problems)
+            f"{what} differ across ranks; launch every rank with the same flags, environment "
+            "and seed:\n" + "\n".join(problems)
         )
 
 
@@ -54,8 +57,33 @@ def checkpoint_identity(config: GASLoCConfig, flat: FlatModel, rank: int,
                         world_size: int) -> dict[str, Any]:
     """What a checkpoint records of its run, to be compared at resume."""
     return {"topology": config.topology, "seed": config.seed, "payload": config.payload,
-            "fragments": config.fragments, "parameters": [list(p) for p in flat.shapes()],
-            "rank": rank, "world_size": world_size}
+            "payload_form": config.payload_form, "fragments": config.fragments,
+            "parameters": [list(p) for p in flat.shapes()], "rank": rank,
+            "world_size": world_size}
+
+
+def changed_at_resume(saved: dict[str, Any], ours: dict[str, Any], where: str,
+                      in_flight: bool) -> dict[str, tuple[Any, Any]]:
+    """The settings (``config.to_dict()``) that differ from the checkpoint's: ``{name: (saved,
+    ours)}``, to be used and said; refused when the saved state cannot serve the new value (the
+    outer optimizer's kind, ``outer_delay`` with a round in flight)."""
+    changed = {name: (saved.get(name), value) for name, value in ours.items()
+               if name in saved and _plain(saved[name]) != _plain(value)}
+    refused = [name for name in changed
+               if name in KEPT_AT_RESUME or (name == "outer_delay" and in_flight)]
+    if refused:
+        name = refused[0]
+        raise RunMismatchError(
+            f"{where} was saved with {name}={changed[name][0]!r} and this run has {name}="
+            f"{changed[name][1]!r}: the saved state cannot serve the new value. Resume with "
+            f"{name}={changed[name][0]!r}, or start afresh from the checkpoint's model "
+            "(--model_name_or_path CHECKPOINT).")
+    return changed
+
+
+def _plain(value: Any) -> Any:
+    """Settings compared as JSON would see them (tuples are lists)."""
+    return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value
 
 
 def check_resumable(saved: dict[str, Any], ours: dict[str, Any], where: str,

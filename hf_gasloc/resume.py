@@ -26,30 +26,56 @@ from .errors import CheckpointError, RunMismatchError
 from .identity import check_resumable
 from .round.inner import innermost_optimizer
 from .round.outer import average_outer_states
-from .state.checkpoint import load_rank_state, read_manifest, save_rank_state, write_manifest
+from .state.checkpoint import (load_rank_state, manifest_path, read_manifest, save_rank_state,
+                               write_manifest)
 
 logger = logging.getLogger(__name__)
 
 
 def save(checkpoint_dir: str | os.PathLike, engine: GASLoC, model: torch.nn.Module,
          optimizer: torch.optim.Optimizer, step: int) -> Path:
-    """Write this rank's model, inner optimizer and GASLoC state; returns the file. Once every
-    rank has written its file, rank 0 calls ``mark_complete``."""
-    return save_rank_state(checkpoint_dir, engine.rank, {
-        "run_id": engine.run_id, "step": step, "model": model.state_dict(),
-        "optimizer": innermost_optimizer(optimizer).state_dict(), "gasloc": engine.state_dict()})
-
-
-def mark_complete(checkpoint_dir: str | os.PathLike, engine: GASLoC, step: int) -> Path:
-    """Write the manifest (rank 0): the checkpoint is complete."""
-    identity = {k: v for k, v in engine.identity().items() if k != "rank"}
-    return write_manifest(checkpoint_dir, {"run_id": engine.run_id, "step": step,
-                                           "round": engine.round, **identity})
+    """Every rank writes its model, inner optimizer and GASLoC state; then, once all files are
+    written, rank 0 writes the manifest that names them (collective). A rank that cannot write
+    (a full disk) makes every rank raise one error naming it; the checkpoint then stays
+    incomplete and the previous complete one is what a restart resumes from."""
+    try:
+        written, failure = save_rank_state(checkpoint_dir, engine.rank, {
+            "run_id": engine.run_id, "step": step, "model": model.state_dict(),
+            "optimizer": innermost_optimizer(optimizer).state_dict(),
+            "gasloc": engine.state_dict()}), None
+    except CheckpointError as error:
+        written, failure = None, f"rank {engine.rank}: {error}"
+    everyone = engine.comm.all_gather_json({"written": written, "failure": failure})
+    failures = [found["failure"] for found in everyone if found["failure"]]
+    if failures:
+        raise CheckpointError(f"{checkpoint_dir} could not be saved completely:\n  "
+                              + "\n  ".join(failures))
+    manifest = manifest_path(checkpoint_dir)
+    if engine.rank == 0:
+        identity = {k: v for k, v in engine.identity().items() if k != "rank"}
+        write_manifest(checkpoint_dir, {
+            "run_id": engine.run_id, "step": step, "round": engine.round, **identity,
+            "files": {str(rank): found["written"] for rank, found in enumerate(everyone)}})
+    return manifest
 
 
 def resume(checkpoint_dir: str | os.PathLike, engine: GASLoC, model: torch.nn.Module,
            optimizer: torch.optim.Optimizer, step: int | None = None) -> str:
-    """Restore this rank's GASLoC worker from ``checkpoint_dir`` (collective); says how."""
+    """Restore this rank's GASLoC worker from ``checkpoint_dir`` (collective); says how. A
+    checkpoint saved without GASLoC (plain DDP or one process) holds no GASLoC state: the
+    workers start from its model (which the Trainer loaded) with a fresh outer state."""
+    plain = [not found for found in engine.comm.all_gather_json(
+        (Path(checkpoint_dir) / "gasloc").exists())]
+    if any(plain) != all(plain):
+        raise CheckpointError(f"{checkpoint_dir}/gasloc exists on some ranks and not on others "
+                              f"(ranks without it: {[r for r, p in enumerate(plain) if p]}): "
+                              "every rank must see the same checkpoint folder.")
+    if all(plain):
+        if engine.rank == 0:
+            logger.warning("GASLoC: %s holds no GASLoC state (it was saved without GASLoC): the "
+                           "workers start from its model, with a fresh outer state at round 0.",
+                           checkpoint_dir)
+        return "the model of a checkpoint saved without GASLoC, and a fresh outer state"
     manifest, own, template, problems = None, None, None, []
     try:
         manifest = read_manifest(checkpoint_dir)
@@ -73,8 +99,15 @@ def resume(checkpoint_dir: str | os.PathLike, engine: GASLoC, model: torch.nn.Mo
     engine.run_id = manifest["run_id"]
     if manifest["world_size"] == engine.world_size:
         _restore_own(own, engine, model, optimizer, resized=False)
-        return "its own state"
-    return _resize(engine, model, optimizer, manifest, own, template)
+        how = "its own state"
+    else:
+        how = _resize(engine, model, optimizer, manifest, own, template)
+    if engine.changed_at_resume and engine.rank == 0:
+        logger.warning("GASLoC resumes from %s with settings changed since it was saved, and uses "
+                       "the new ones: %s.", checkpoint_dir, ", ".join(
+                           f"{name} {saved!r} -> {used!r}"
+                           for name, (saved, used) in engine.changed_at_resume.items()))
+    return how
 
 
 def _restore_own(own: dict[str, Any], engine: GASLoC, model: torch.nn.Module,

@@ -133,15 +133,23 @@ def test_topology_none_is_plain_ddp(tmp_path):
     _assert_same_model(tmp_path / "none", tmp_path / "ddp", atol=1e-6)
 
 
-def test_a_restarted_run_resumes_from_its_newest_complete_checkpoint_bit_for_bit(tmp_path):
+@pytest.mark.parametrize("damage,found", [
+    ("gasloc/manifest.json", "checkpoint-8 is incomplete"),
+    ("gasloc/rank1.pt", "checkpoint-8/gasloc/rank1.pt is not the file that was saved"),
+])
+def test_a_restarted_run_resumes_from_its_newest_checkpoint_that_verifies_bit_for_bit(
+        tmp_path, damage, found):
     flags = ["--gasloc_topology", "1peer", "--gasloc_local_steps", "3",
              "--save_strategy", "steps", "--save_steps", "4"]
     launch(tmp_path, *flags)
     uninterrupted = load_file(tmp_path / "model.safetensors")
-    (tmp_path / "checkpoint-8/gasloc/manifest.json").unlink()  # died while saving checkpoint-8
+    damaged = tmp_path / "checkpoint-8" / damage  # died while saving, or a disk error since
+    damaged.write_bytes(damaged.read_bytes()[: len(damaged.read_bytes()) // 2])
+    if damage.endswith("json"):
+        damaged.unlink()
     log = []
     launch(tmp_path, *flags, log=log)  # the same command: it finds checkpoint-4 by itself
-    assert "checkpoint-8 is incomplete" in log[0]
+    assert found in log[0], log[0][-3000:]
     assert f"resuming from {tmp_path / 'checkpoint-4'}, the newest complete checkpoint" in log[0]
     resumed = load_file(tmp_path / "model.safetensors")
     assert all(torch.equal(uninterrupted[k], resumed[k]) for k in uninterrupted)

@@ -166,18 +166,16 @@ def gather_json(value: Any, group: dist.ProcessGroup | None = None,
     unpickled), at most ``MAX_JSON_BYTES`` each, the sizes checked before the bytes are read;
     tuples arrive as lists. Collective over ``group``; ``device``: where the backend wants
     tensors (CPU for gloo, the GPU for NCCL)."""
-    rank = dist.get_rank(group)
     data = json.dumps(value, sort_keys=True, default=repr).encode()
-    if len(data) > MAX_JSON_BYTES:
-        raise ValueError(f"GASLoC rank {rank}: {len(data)} bytes to gather, more than "
-                         f"{MAX_JSON_BYTES}.")
     size = torch.tensor([len(data)], dtype=torch.int64, device=device)
     sizes = [torch.empty_like(size) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(sizes, size, group=group)
+    dist.all_gather(sizes, size, group=group)  # every rank learns every size before any bytes
     lengths = [int(n) for n in sizes]
-    if not all(0 <= n <= MAX_JSON_BYTES for n in lengths):
-        raise ValueError(f"GASLoC rank {rank}: a rank announced {max(lengths)} bytes to gather, "
-                         f"more than {MAX_JSON_BYTES}.")
+    too_long = [rank for rank, n in enumerate(lengths) if not 0 <= n <= MAX_JSON_BYTES]
+    if too_long:
+        raise ValueError(f"GASLoC rank {dist.get_rank(group)}: ranks {too_long} announced more "
+                         f"than {MAX_JSON_BYTES} bytes to gather ({max(lengths)}); nothing was "
+                         "read.")
     mine = torch.zeros(max(lengths), dtype=torch.uint8)
     mine[:len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
     mine = mine.to(device)

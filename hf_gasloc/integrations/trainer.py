@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import DefaultFlowCallback
@@ -45,7 +44,8 @@ from transformers.training_args import ParallelMode
 from ..config import GASLoCConfig
 from ..engine import GASLoC
 from ..errors import PeerLostError
-from ..resume import mark_complete, resume, save
+from ..identity import check_ranks_agree
+from ..resume import resume, save
 from ..state.checkpoint import complete_checkpoints
 from .ddp import disable_gradient_sync
 from .model_card import card_section, record_in_model_card
@@ -93,7 +93,24 @@ class GASLoCCallback(TrainerCallback):
 
             trainer.train = train_and_remember
             record_in_model_card(trainer, self._card_section)
+            self._check_trainer(trainer)
         return self
+
+    def _check_trainer(self, trainer: Trainer) -> None:
+        """What can be checked once the Trainer exists: the settings against its world size
+        and model, and its checkpoint rotation; before any training or evaluation."""
+        args = trainer.args
+        if not self.plugin.enabled:
+            return
+        if args.world_size > 1:
+            self.plugin.check_world(args.world_size)
+        self.plugin.check_model(trainer.model)
+        if args.save_strategy != "no" and (args.save_total_limit or 2) < 2:
+            raise ValueError(
+                f"save_total_limit={args.save_total_limit}: Trainer deletes the previous "
+                "checkpoint before GASLoC has written every rank's state into the new one, so a "
+                "worker lost while saving would leave no complete checkpoint. Use "
+                "save_total_limit 2 or more (or none).")
 
     def _card_section(self) -> str:
         return "" if self.engine is None else card_section(self.summary())
@@ -136,6 +153,8 @@ class GASLoCCallback(TrainerCallback):
         self._run_before_reporters(trainer)
         self._model, self._optimizer = model, optimizer
         self.engine = GASLoC(model, optimizer, self.plugin)
+        check_ranks_agree(trainer_arguments_to_agree_on(args, state), self.engine.comm,
+                          "Trainer arguments")
         # Trainer's own collectives (logging gathers, evaluation, saving) get the same deadline.
         self._replaced_timeout = self.engine.comm.bound_group_timeout()
         if state.global_step > 0:
@@ -229,9 +248,6 @@ class GASLoCCallback(TrainerCallback):
         self._restore_own_parameters()
         folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
         save(folder, self.engine, self._model, self._optimizer, state.global_step)
-        dist.barrier(group=self.engine.comm.group)  # every rank's file is complete before going on
-        if self.engine.rank == 0:
-            mark_complete(folder, self.engine, state.global_step)
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.engine is None:
@@ -269,6 +285,20 @@ class GASLoCCallback(TrainerCallback):
         logs.update(metrics)
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(metrics)
+
+
+TRAINER_ARGUMENTS = ("num_train_epochs", "per_device_train_batch_size",
+                     "gradient_accumulation_steps", "seed", "data_seed", "logging_strategy",
+                     "logging_steps", "logging_first_step", "eval_strategy", "eval_steps",
+                     "eval_on_start", "save_strategy", "save_steps", "save_total_limit")
+
+
+def trainer_arguments_to_agree_on(args, state) -> dict[str, Any]:
+    """The Trainer arguments every rank must share: when each rank logs, evaluates and saves
+    (its collectives), how far it trains, and its seeds."""
+    values = {name: str(getattr(args, name, None)) for name in TRAINER_ARGUMENTS}
+    values["max_steps"] = state.max_steps
+    return values
 
 
 def _calling_trainer() -> tuple[Trainer, str | None]:

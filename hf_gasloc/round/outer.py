@@ -98,6 +98,14 @@ class OuterRule:
     def step(self) -> None:
         self.optimizer.step()
 
+    def set_hyperparameters(self, lr: float | None, momentum: float | None) -> None:
+        """Use the run's own lr and momentum (after a state with others was loaded)."""
+        for group in self.optimizer.param_groups:
+            if lr is not None:
+                group["lr"] = lr
+            if momentum is not None and "momentum" in group:
+                group["momentum"] = momentum
+
     def state_dict(self) -> dict[str, Any]:
         return self.optimizer.state_dict()
 

@@ -60,10 +60,10 @@ class FixedLocalSteps:
         pass
 
     def state_dict(self) -> dict[str, Any]:
-        return {"current": self.current}
+        return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.current = state["current"]
+        """Nothing to restore: ``H_i`` is a setting (a resume may change it)."""
 
 
 def parse_local_steps(value: Any) -> LocalStepsSetting:

@@ -3,15 +3,20 @@
 Trainer checkpoints hold rank 0's model and optimizer only; a GASLoC worker's
 state differs per rank, so each rank also writes ``gasloc/rank<r>.pt`` into the
 checkpoint folder (to a temporary name, then renamed: a crash mid-write never
-leaves a truncated file under the final name). Once every rank's file is
-written, rank 0 writes ``gasloc/manifest.json``: a checkpoint without it is
-incomplete. Every file carries the run's id and the step, so a file from
-another run or another step is an error that names it. What the files hold is
-their callers' (``resume.py``); this module only writes and reads them.
+leaves a truncated file under the final name; a failed write, such as a full
+disk, leaves no partial file and is an error naming the path). Once every
+rank's file is written, rank 0 writes ``gasloc/manifest.json``, which names
+every rank's file with its size and SHA-256: a checkpoint without it is
+incomplete, one whose files do not match it is damaged, and resuming picks the
+newest checkpoint that verifies. Every file carries the run's id and the step,
+so a file from another run or another step is an error that names it. What the
+files hold is their callers' (``resume.py``); this module writes, checks and
+reads them.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -37,23 +42,57 @@ def manifest_path(checkpoint_dir: str | os.PathLike) -> Path:
     return Path(checkpoint_dir) / FOLDER / MANIFEST
 
 
-def save_rank_state(checkpoint_dir: str | os.PathLike, rank: int, state: dict[str, Any]) -> Path:
-    """Write this rank's state (with its ``run_id`` and ``step``) atomically; return the file."""
+def save_rank_state(checkpoint_dir: str | os.PathLike, rank: int,
+                    state: dict[str, Any]) -> dict[str, Any]:
+    """Write this rank's state (with its ``run_id`` and ``step``) atomically; returns what the
+    manifest records of the file: its name, size and SHA-256."""
     path = rank_state_path(checkpoint_dir, rank)
-    path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".pt.partial")
-    torch.save(state, partial)
-    os.replace(partial, path)
-    return path
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(state, partial)
+        os.replace(partial, path)
+    except (OSError, RuntimeError) as error:  # torch reports a full disk as a RuntimeError
+        partial.unlink(missing_ok=True)
+        raise CheckpointError(f"could not write {path}: {str(error).splitlines()[0][:200]} (is "
+                              "the disk full?); nothing partial was left, and the previous "
+                              "complete checkpoint is kept.") from None
+    return {"file": path.name, "bytes": path.stat().st_size, "sha256": file_digest(path)}
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def write_manifest(checkpoint_dir: str | os.PathLike, manifest: dict[str, Any]) -> Path:
     """Mark the checkpoint complete (rank 0, after every rank wrote its file)."""
     path = manifest_path(checkpoint_dir)
     partial = path.with_suffix(".json.partial")
-    partial.write_text(json.dumps(manifest, indent=1))
-    os.replace(partial, path)
+    try:
+        partial.write_text(json.dumps(manifest, indent=1))
+        os.replace(partial, path)
+    except OSError as error:
+        partial.unlink(missing_ok=True)
+        raise CheckpointError(f"could not write {path}: {error} (is the disk full?); the "
+                              "checkpoint stays incomplete and is not resumed from.") from None
     return path
+
+
+def verify(checkpoint_dir: str | os.PathLike, manifest: dict[str, Any]) -> list[str]:
+    """What is wrong with the rank files the manifest lists (sizes, checksums): one line each."""
+    problems = []
+    for rank, entry in sorted(manifest.get("files", {}).items(), key=lambda e: int(e[0])):
+        path = Path(checkpoint_dir) / FOLDER / entry["file"]
+        if not path.is_file():
+            problems.append(f"{path} is missing")
+        elif path.stat().st_size != entry["bytes"] or file_digest(path) != entry["sha256"]:
+            problems.append(f"{path} is not the file that was saved (its size or SHA-256 "
+                            "differs from the manifest's)")
+    return problems
 
 
 def read_manifest(checkpoint_dir: str | os.PathLike) -> dict[str, Any]:
@@ -77,6 +116,11 @@ def load_rank_state(checkpoint_dir: str | os.PathLike, rank: int,
     if not path.is_file():
         raise CheckpointError(f"{path} is missing: the checkpoint lacks rank {rank}'s own state. "
                               "Resume from an earlier checkpoint.")
+    entry = manifest.get("files", {}).get(str(rank))
+    if entry is not None and (path.stat().st_size != entry["bytes"]
+                              or file_digest(path) != entry["sha256"]):
+        raise CheckpointError(f"{path} is truncated or corrupt (its size or SHA-256 differs "
+                              "from the manifest's); resume from an earlier checkpoint.")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - any unreadable file gets the same clear error
@@ -97,7 +141,8 @@ def complete_checkpoints(output_dir: str | os.PathLike, gasloc: bool = True) -> 
     """``checkpoint-<step>`` folders in ``output_dir`` that were completely written, oldest first.
 
     A complete checkpoint has Trainer's ``trainer_state.json`` and, for a GASLoC
-    run, ``gasloc/manifest.json`` (written last).
+    run, ``gasloc/manifest.json`` (written last). Their files are not read here:
+    ``newest_complete_checkpoint`` verifies them.
     """
     found = []
     for folder in Path(output_dir).glob("checkpoint-*"):
@@ -114,6 +159,16 @@ def complete_checkpoints(output_dir: str | os.PathLike, gasloc: bool = True) -> 
 
 
 def newest_complete_checkpoint(output_dir: str | os.PathLike, gasloc: bool = True) -> Path | None:
-    """The newest complete ``checkpoint-<step>`` in ``output_dir`` (``None``: there is none)."""
-    found = complete_checkpoints(output_dir, gasloc)
-    return found[-1] if found else None
+    """The newest complete ``checkpoint-<step>`` in ``output_dir`` whose rank files match its
+    manifest (``None``: there is none); a newer one that does not verify is skipped with a
+    warning naming what is wrong."""
+    for folder in reversed(complete_checkpoints(output_dir, gasloc)):
+        try:
+            problems = verify(folder, read_manifest(folder)) if gasloc else []
+        except CheckpointError as error:
+            problems = [str(error)]
+        if not problems:
+            return folder
+        logger.warning("%s does not verify (%s); falling back to an older checkpoint.", folder,
+                       "; ".join(problems))
+    return None

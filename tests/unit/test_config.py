@@ -28,6 +28,12 @@ def test_defaults():
     ({"outer_momentum": 1.5}, r"outer_momentum must be in \[0, 1\)"),
     ({"outer_lr": 0}, "outer_lr must be > 0"),
     ({"outer_lr": "fast"}, "outer_lr must be a number"),
+    ({"outer_lr": "inf"}, r"outer_lr must be a finite number, got 'inf' \(--gasloc_outer_lr"),
+    ({"peer_timeout": "inf"}, "peer_timeout must be a finite number"),
+    ({"peer_timeout": 0.01}, r"peer_timeout must be at least 1, got 0.01 \(--gasloc_peer_timeout"),
+    ({"gossip_weight": 1.5}, "gossip_weight must be at most 1"),
+    ({"seed": -1}, "seed must be an integer >= 0"),
+    ({"outer_delay": float("inf")}, "outer_delay must be an integer"),
     ({"seed": "abc"}, "seed must be an integer"),
     ({"anchor_on_cpu": "maybe"}, "anchor_on_cpu must be true or false"),
     ({"outer_optimizer": functools.partial(torch.optim.SGD, lr=1), "outer_momentum": 0.5},
@@ -75,3 +81,38 @@ def test_every_setting_has_a_flag():
     assert {"gasloc_" + n for n in names} == set(GASLoCArguments.__dataclass_fields__)
     assert {"topology", "local_steps", "outer_optimizer", "outer_lr", "outer_momentum",
             "gossip_weight", "seed"} <= names
+
+
+def test_a_bad_value_from_the_environment_names_its_variable(monkeypatch):
+    monkeypatch.setenv("ACCELERATE_GASLOC_TOPOLOGY", "2peers")
+    with pytest.raises(ValueError, match="read from the environment: "
+                                         "ACCELERATE_GASLOC_TOPOLOGY='2peers'; fix or unset"):
+        GASLoCConfig()
+    assert GASLoCConfig(topology="1peer").topology == "1peer"  # a keyword wins, unchecked env
+
+
+def test_an_unknown_variable_is_warned_about_with_the_closest_name(monkeypatch, caplog):
+    monkeypatch.setenv("ACCELERATE_GASLOC_OUTER_LRR", "0.5")
+    with caplog.at_level("WARNING", logger="hf_gasloc.config"):
+        GASLoCConfig()
+    assert ("ACCELERATE_GASLOC_OUTER_LRR is not a GASLoC setting and is ignored; did you mean "
+            "ACCELERATE_GASLOC_OUTER_LR?") in caplog.text
+
+
+def test_a_short_peer_timeout_is_warned_about(caplog):
+    with caplog.at_level("WARNING", logger="hf_gasloc.config"):
+        GASLoCConfig(peer_timeout=5)
+    assert "peer_timeout=5 s is short" in caplog.text
+
+
+def test_what_needs_the_world_size_or_the_model_is_checked_before_any_work():
+    with pytest.raises(ValueError, match="local_steps lists 3 values .* but world_size is 4"):
+        GASLoCConfig(local_steps="3,3,2").check_world(4)
+    with pytest.raises(ValueError, match="static topology edge 0-5 is invalid for world_size=4"):
+        GASLoCConfig(topology="static:0-1,0-5").check_world(4)
+    with pytest.raises(ValueError, match="gossip_weight=0.6 is too large for topology '2peer'"):
+        GASLoCConfig(gossip_weight=0.6).check_world(4)
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="fragments=3 but the model has 2 layers"):
+        GASLoCConfig(fragments=3).check_model(model)
+    GASLoCConfig(topology="none", fragments=3).check_model(model)  # plain DDP: not GASLoC's

@@ -49,3 +49,20 @@ def test_attach_refuses_a_single_process_and_sharded_models():
 def test_topology_none_is_refused_by_the_engine():
     with pytest.raises(ValueError, match="topology 'none' is plain DDP"):
         GASLoC(TinyNet(), None, topology="none")
+
+
+def test_a_checkpoint_rotation_that_could_lose_every_complete_checkpoint_is_refused(tmp_path):
+    train, _ = blocks(train_blocks=8)
+    trainer = Trainer(model=tiny_llama(), train_dataset=train, args=training_arguments(
+        str(tmp_path), save_strategy="steps", save_steps=2, save_total_limit=1))
+    with pytest.raises(ValueError, match="save_total_limit=1: Trainer deletes the previous "
+                                         "checkpoint .* Use save_total_limit 2 or more"):
+        GASLoCCallback(topology="1peer").bind(trainer)
+
+
+def test_a_model_that_cannot_be_split_as_asked_fails_at_bind(tmp_path):
+    train, _ = blocks(train_blocks=8)
+    trainer = Trainer(model=tiny_llama(), train_dataset=train,
+                      args=training_arguments(str(tmp_path)))
+    with pytest.raises(ValueError, match="fragments=40 but the model has"):
+        GASLoCCallback(topology="1peer", fragments=40).bind(trainer)

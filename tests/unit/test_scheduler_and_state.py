@@ -126,3 +126,34 @@ def test_fragments_are_whole_layers_in_order_of_about_equal_size():
     assert start_steps(30, 3) == [10, 20, 30] and start_steps(2, 4) == [1, 1, 2, 2]
     with pytest.raises(ValueError, match="fragments=9 but the model has 5 layers"):
         split_fragments(torch.nn.Sequential(*[torch.nn.Linear(2, 2) for _ in range(5)]), 9)
+
+
+def _resume_changed(rank, comm, changed):
+    model = TinyNet()
+    inner = torch.optim.SGD(model.parameters(), lr=0.1)
+    engine = GASLoC(model, inner, comm=comm, topology="1peer", local_steps=2,
+                    outer_optimizer="nesterov", outer_lr=0.7, outer_momentum=0.9)
+    for step in range(3):
+        local_step(model, inner, rank, step)
+    state = engine.state_dict()
+    engine.detach()
+    resumed = GASLoC(model, None, comm=comm, topology="1peer", **{
+        "local_steps": 2, "outer_optimizer": "nesterov", "outer_lr": 0.7,
+        "outer_momentum": 0.9, **changed})
+    try:
+        resumed.load_state_dict(state)
+    except RunMismatchError as error:
+        return str(error)
+    group = resumed.fragments[0].outer.optimizer.param_groups[0]
+    return resumed.changed_at_resume, (group["lr"], group["momentum"]), resumed.round_length
+
+
+def test_a_resume_uses_the_new_lr_momentum_and_h_and_refuses_another_outer_optimizer():
+    for changed, (lr, momentum), h in run_workers(_resume_changed, 2, dict(
+            outer_lr=0.5, outer_momentum=0.6, local_steps=3)):
+        assert changed == {"local_steps": (2, 3), "outer_lr": (0.7, 0.5),
+                           "outer_momentum": (0.9, 0.6)}
+        assert (lr, momentum, h) == (0.5, 0.6, 3)
+    for error in run_workers(_resume_changed, 2, dict(outer_optimizer="sgd", outer_momentum=0)):
+        assert "saved with outer_optimizer='nesterov' and this run has outer_optimizer='sgd'" \
+            in error
