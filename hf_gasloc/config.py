@@ -152,12 +152,15 @@ class GASLoCConfig:
         """False for ``topology='none'``: plain DDP, GASLoC stays out of the way."""
         return self.topology != NO_GOSSIP
 
-    def with_outer_defaults(self) -> tuple["GASLoCConfig", OuterChoice]:
-        """A copy whose unset outer settings are filled from ``H`` (``round/outer_defaults.py``),
-        and the choice, with why; a user setting known to overshoot gets a warning."""
+    def with_outer_defaults(self, total_steps: int | None = None
+                            ) -> tuple["GASLoCConfig", OuterChoice]:
+        """A copy whose unset outer settings are filled from ``H`` and, when ``total_steps``
+        (inner steps of the run) is known, the number of rounds (``round/outer_defaults.py``);
+        and the choice, with why. A user setting known to overshoot gets a warning."""
         local_steps = nominal_steps(self.local_steps)
+        rounds = total_steps // local_steps if total_steps and total_steps > 0 else None
         choice = choose_outer(self.outer_optimizer, self.outer_lr, self.outer_momentum,
-                              local_steps)
+                              local_steps, rounds)
         warn_if_known_to_hurt(choice, local_steps)
         return dataclasses.replace(self, outer_optimizer=choice.optimizer, outer_lr=choice.lr,
                                    outer_momentum=choice.momentum), choice

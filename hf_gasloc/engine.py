@@ -43,20 +43,25 @@ class GASLoC:
     ``GASLoC(model, inner_optimizer, config)`` (or keyword settings) hooks the inner
     optimizer's ``step`` (or call ``attach(optimizer)`` later, or ``outer_step()``
     yourself). Collective: every rank checks that all ranks have the same settings,
-    then takes rank 0's parameters as the common starting anchor. ``comm`` replaces
-    the process group by another fabric (the tests' in-process one).
+    then takes rank 0's parameters as the common starting anchor. ``total_steps``: the
+    inner steps the run will take, when known (unset outer settings depend on the number of
+    rounds). ``round_steps`` puts the workers in lockstep (the Trainer with unequal ``H_i``):
+    every round lasts that many of the caller's steps on every rank, and a worker whose ``H_i``
+    steps are done idles (``step_is_idle``, ``idle_step``) until the round ends. ``comm``
+    replaces the process group by another fabric (the tests' in-process one).
     """
 
     def __init__(self, model: torch.nn.Module | Iterable[torch.Tensor],
                  inner_optimizer: torch.optim.Optimizer | None = None,
                  config: GASLoCConfig | None = None, *,
                  process_group: dist.ProcessGroup | None = None, comm: Comm | None = None,
+                 total_steps: int | None = None, round_steps: int | None = None,
                  **settings: Any):
         config = GASLoCConfig(**settings) if config is None else dataclasses.replace(
             config, **settings)
         if not config.enabled:
             raise ValueError("topology 'none' is plain DDP: do not attach a GASLoC engine.")
-        self.config, self.outer_choice = config.with_outer_defaults()
+        self.config, self.outer_choice = config.with_outer_defaults(total_steps)
         config = self.config
         self.comm = comm or Comm(process_group, config.peer_timeout)
         self.rank, self.world_size = self.comm.rank, self.comm.world_size
@@ -77,12 +82,15 @@ class GASLoC:
                                                           config.outer_momentum, part.anchors),
                                    worker, config, self.topology.synchronous, channel)
                           for channel, part in enumerate(parts)]
-        self.scheduler = RoundScheduler(self.fragments, config.outer_delay)
+        self.scheduler = RoundScheduler(self.fragments)
+        self.round_steps = round_steps
         self._hook = InnerStepHook(self._after_inner_step)
         self.health.watch(self.fragments, lambda: self._hook.optimizer)
         self.round = self.steps_in_round = self.inner_step = 0  # inner_step: over the run
+        self.ticks = self.ticks_in_round = 0  # lockstep: the caller's steps, idle ones included
         self.totals, self.last_round = Totals(), None
         self._last_step_end: float | None = None
+        self._steps_timed_by_caller = False
         self.changed_at_resume: dict[str, tuple[Any, Any]] = {}  # setting: (saved, used)
         if self.rank == 0:
             logger.info("GASLoC on %d workers: %s (%s).", self.world_size,
@@ -112,22 +120,52 @@ class GASLoC:
     def _after_inner_step(self, *_: Any) -> None:
         self.comm.beat()
         now = time.perf_counter()
-        if self._last_step_end is not None:
+        if self._last_step_end is not None and not self._steps_timed_by_caller:
             self.local_steps.observe_step(now - self._last_step_end)
         self.steps_in_round += 1
         self.inner_step += 1
-        self._report(self.scheduler.finish_due(self.inner_step))
-        for fragment in self.scheduler.due(self.steps_in_round, self.round_length):
-            self._start(fragment)
-        if self.steps_in_round >= self.round_length:
-            self._end_round()
+        self._advance(real=True)
         self._last_step_end = time.perf_counter()  # the next step's time excludes the outer step
+
+    def observe_step_seconds(self, seconds: float) -> None:
+        """The caller times this worker's inner steps itself (their compute alone, without the
+        waits of its own collectives); adaptive ``H_i`` uses these times from now on."""
+        self._steps_timed_by_caller = True
+        self.local_steps.observe_step(seconds)
+
+    def step_is_idle(self) -> bool:
+        """Lockstep: this worker's ``H_i`` steps of the round are done; it idles until the
+        round's last step."""
+        return self.round_steps is not None and self.steps_in_round >= self.round_length
+
+    def idle_step(self) -> None:
+        """Lockstep: count a step this worker skips."""
+        self.comm.beat()
+        self._last_step_end = None  # an idle step is not step time
+        self._advance(real=False)
+
+    def _advance(self, real: bool) -> None:
+        if self.round_steps is not None:
+            self.ticks += 1
+            self.ticks_in_round += 1
+        self._report(self.scheduler.finish_due(self.clock))
+        if real:
+            for fragment in self.scheduler.due(self.steps_in_round, self.round_length):
+                self._start(fragment)
+        if (self.steps_in_round >= self.round_length if self.round_steps is None
+                else self.ticks_in_round >= self.round_steps):
+            self._end_round()
 
     # ------------------------------------------------------------- the round
     @property
     def round_length(self) -> int:
         """``H_i`` of the round in progress."""
         return self.local_steps.current
+
+    @property
+    def clock(self) -> int:
+        """What rounds in flight land by: inner steps, or in lockstep the caller's steps."""
+        return self.inner_step if self.round_steps is None else self.ticks
 
     def outer_step(self) -> RoundMetrics:
         """End the round now: start the fragments not started yet and finish every exchange
@@ -141,8 +179,11 @@ class GASLoC:
     def _start(self, fragment: int) -> None:
         plan = RoundPlan(self.round, self.topology.graph(self.round), self.steps_in_round,
                          self.inner_step)
-        self._report(self.scheduler.start(fragment, plan, self.inner_step))
-        self._report(self.scheduler.finish_due(self.inner_step))
+        finish_at = self.clock + self.config.outer_delay
+        if self.round_steps is not None:  # not before every peer posted: the round's last step
+            finish_at = max(finish_at, self.ticks - self.ticks_in_round + self.round_steps)
+        self._report(self.scheduler.start(fragment, plan, finish_at))
+        self._report(self.scheduler.finish_due(self.clock))
 
     def _report(self, finished: list[RoundMetrics]) -> None:
         for metrics in finished:
@@ -153,7 +194,7 @@ class GASLoC:
 
     def _end_round(self) -> None:
         self.round += 1
-        self.steps_in_round = 0
+        self.steps_in_round = self.ticks_in_round = 0
         self.scheduler.new_round()
         self.local_steps.plan(list(self.lost.alive(self.topology.graph(self.round).peers[self.rank])))
 
@@ -197,6 +238,7 @@ class GASLoC:
         return {"format": STATE_FORMAT, "identity": self.identity(),
                 "settings": self.config.to_dict(), "round": self.round,
                 "steps_in_round": self.steps_in_round, "inner_step": self.inner_step,
+                "ticks": self.ticks, "ticks_in_round": self.ticks_in_round,
                 "local_steps": self.local_steps.state_dict(), "lost_peers": self.lost.state_dict(),
                 "health": self.health.state_dict(), "totals": self.totals.state_dict(),
                 "fragments": [f.state_dict() for f in self.fragments],
@@ -218,15 +260,16 @@ class GASLoC:
         self.scheduler.load_state_dict(state["scheduler"])
         self.totals.load_state_dict(state["totals"])
         self.health.load_state_dict(state["health"])
-        self.inner_step = state["inner_step"]
+        self.inner_step, self.ticks = state["inner_step"], state["ticks"]
         if not resized:
             self.round, self.steps_in_round = state["round"], state["steps_in_round"]
+            self.ticks_in_round = state["ticks_in_round"]
             self.local_steps.load_state_dict(state["local_steps"])
             self.lost.load_state_dict(state["lost_peers"])
 
     def start_round(self, index: int) -> None:
         """Go on at the start of round ``index`` (a resume on another number of workers)."""
-        self.round, self.steps_in_round = index, 0
+        self.round, self.steps_in_round, self.ticks_in_round = index, 0, 0
         self.scheduler.new_round()
         self.local_steps.plan(list(self.topology.graph(index).peers[self.rank]))
 

@@ -48,10 +48,10 @@ def test_default_run_lowers_the_loss_and_writes_results(tmp_path):
     assert results["world_size"] == 2
     assert results["gasloc/rounds"] == 6 and results["gasloc_topology"] == "1peer"
     used = results["gasloc_config"]  # every setting the run used, the outer ones filled from H
-    chosen = choose_outer(None, None, None, 4)
+    chosen = choose_outer(None, None, None, 4, rounds=6)
     assert (used["local_steps"], used["outer_optimizer"], used["outer_lr"],
             used["outer_momentum"]) == (4, chosen.optimizer, chosen.lr, chosen.momentum)
-    assert results["gasloc_outer_defaults"] == chosen.why and "default for H = 4" in chosen.why
+    assert results["gasloc_outer_defaults"] == chosen.why and "default for H = 4, 6 rounds" in chosen.why
     assert results["eval_loss"] < results["start_eval_loss"] - 0.3
     assert results["perplexity"] == pytest.approx(math.exp(results["eval_loss"]))
     assert 0 <= results["eval_accuracy"] <= 1

@@ -20,10 +20,14 @@ def card_section(summary: dict[str, Any]) -> str:
     steps = f"{metrics.get('inner_steps_total', 0)}"
     if metrics.get("inner_steps_unfinished"):
         steps += f" ({metrics['inner_steps_unfinished']} of them after the last round)"
+    if "gasloc_inner_steps_per_worker" in summary:  # every worker's own, by rank
+        steps = ", ".join(map(str, summary["gasloc_inner_steps_per_worker"]))
     rows = [("workers", summary["gasloc_workers"]), *summary["gasloc_config"].items(),
             ("outer settings", summary["gasloc_outer_defaults"]),
             ("rounds", metrics.get("rounds", 0)),
             ("bytes sent per worker", f"{metrics.get('bytes_sent_total', 0):,}"),
+            *([("H_i per worker", ", ".join(map(str, summary["gasloc_local_steps_per_worker"])))]
+              if "gasloc_local_steps_per_worker" in summary else []),
             ("inner steps per worker", steps),
             ("non-finite recoveries", metrics.get("recoveries", 0)),
             ("lost peers", metrics.get("lost_peers", 0))]

@@ -29,12 +29,13 @@ _SHARDED = ("DEEPSPEED", "FSDP", "MEGATRON_LM", "XLA")
 class GASLoCPlugin(GASLoCConfig):
     """Every GASLoC setting (see ``GASLoCConfig``), plus ``attach`` for Accelerate."""
 
-    def attach(
-        self, accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer
-    ) -> GASLoC:
+    def attach(self, accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+               total_steps: int | None = None) -> GASLoC:
         """Disable DDP's gradient All-Reduce for every step and hook GASLoC on ``optimizer``.
 
-        Call it on every rank after ``accelerator.prepare``. Returns the engine.
+        Call it on every rank after ``accelerator.prepare``; ``total_steps``, the optimizer
+        steps the loop will take, lets unset outer settings fit the number of rounds. Returns
+        the engine.
         """
         kind = str(getattr(accelerator.distributed_type, "value", accelerator.distributed_type))
         if kind.upper() in _SHARDED:
@@ -50,4 +51,4 @@ class GASLoCPlugin(GASLoCConfig):
                 "or torchrun --nproc_per_node N."
             )
         disable_gradient_sync(model)
-        return GASLoC(accelerator.unwrap_model(model), optimizer, self)
+        return GASLoC(accelerator.unwrap_model(model), optimizer, self, total_steps=total_steps)

@@ -31,6 +31,7 @@ import functools
 import inspect
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,8 @@ from ..engine import GASLoC
 from ..errors import PeerLostError
 from ..identity import check_ranks_agree
 from ..resume import resume, save
+from ..schedule.adaptive import Auto
+from ..schedule.local_steps import nominal_steps
 from ..state.checkpoint import complete_checkpoints
 from .ddp import disable_gradient_sync
 from .model_card import card_section, record_in_model_card
@@ -72,6 +75,8 @@ class GASLoCCallback(TrainerCallback):
         self._optimizer: torch.optim.Optimizer | None = None
         self._own_parameters: list[list[torch.Tensor]] | None = None
         self._replaced_timeout = None
+        self._wrapped_step = self._wrapped_training_step = None  # lockstep: the originals
+        self._workers: list[dict] = []  # each worker's H_i and inner steps, at the end
 
     # ------------------------------------------------------------------ bind
     def bind(self, trainer: Trainer) -> "GASLoCCallback":
@@ -152,15 +157,47 @@ class GASLoCCallback(TrainerCallback):
         self._stop_step_collectives(trainer)
         self._run_before_reporters(trainer)
         self._model, self._optimizer = model, optimizer
-        self.engine = GASLoC(model, optimizer, self.plugin)
+        lockstep = lockstep_steps(self.plugin)
+        self.engine = GASLoC(model, optimizer, self.plugin, total_steps=state.max_steps,
+                             round_steps=lockstep)
         check_ranks_agree(trainer_arguments_to_agree_on(args, state), self.engine.comm,
                           "Trainer arguments")
+        if lockstep is not None:
+            self._idle_when_done(trainer, optimizer)
         # Trainer's own collectives (logging gathers, evaluation, saving) get the same deadline.
         self._replaced_timeout = self.engine.comm.bound_group_timeout()
         if state.global_step > 0:
             checkpoint = self._checkpoint_to_resume(args, state)
             how = resume(checkpoint, self.engine, model, optimizer, state.global_step)
             logger.info("GASLoC: rank %d resumed from %s with %s", self.engine.rank, checkpoint, how)
+
+    def _idle_when_done(self, trainer: Trainer, optimizer) -> None:
+        """Unequal ``H_i``: every rank takes the same Trainer steps (so logging, evaluation,
+        checkpoints and the end meet on every rank, at any step), and a round lasts ``H`` of
+        them, ``H`` the largest ``H_i``. A worker whose ``H_i`` steps of the round are done
+        skips the forward, backward and optimizer step of the rest of the round (the Trainer
+        still fetches their batches, which it leaves unused), and reports its last loss for
+        them. A step's time, for ``auto:H``, is its forward and backward alone: the waits of
+        the Trainer's own collectives are not this worker's speed."""
+        engine, last = self.engine, {"compute": 0.0}
+
+        def training_step(*args, **kwargs):
+            if engine.step_is_idle():
+                return last.get("loss", torch.zeros((), device=trainer.args.device))
+            began = time.perf_counter()
+            last["loss"] = self._wrapped_training_step(*args, **kwargs)
+            last["compute"] += time.perf_counter() - began
+            return last["loss"]
+
+        def step(*args, **kwargs):
+            if engine.step_is_idle():
+                return engine.idle_step()
+            engine.observe_step_seconds(last["compute"])
+            last["compute"] = 0.0
+            return self._wrapped_step(*args, **kwargs)
+
+        self._wrapped_training_step, trainer.training_step = trainer.training_step, training_step
+        self._wrapped_step, optimizer.step = optimizer.step, step
 
     def _distributed(self, args) -> bool:
         launched = int(os.environ.get("WORLD_SIZE", "1"))
@@ -257,6 +294,13 @@ class GASLoCCallback(TrainerCallback):
         self._restore_own_parameters()
         self.engine.install_consensus()
         self.engine.detach()
+        if self._wrapped_step is not None:  # the Trainer and its optimizer as they were
+            del self.trainer.training_step, self._optimizer.step
+            self._wrapped_step = self._wrapped_training_step = None
+        self._workers = self.engine.comm.all_gather_json(
+            {"local_steps": self.engine.config.local_steps_for(self.engine.rank,
+                                                               self.engine.world_size),
+             "inner_steps": self.engine.inner_step})
         if self._replaced_timeout is not None:
             self.engine.comm.set_group_timeout(self._replaced_timeout)
 
@@ -274,9 +318,13 @@ class GASLoCCallback(TrainerCallback):
         """What the run used and did, for ``all_results.json``: every setting (the outer ones
         filled from ``H`` when unset, and why), then the totals of ``engine.metrics()``."""
         engine = self.engine
-        return {"gasloc_config": engine.config.to_dict(),
-                "gasloc_outer_defaults": engine.outer_choice.why,
-                "gasloc_workers": engine.world_size, **engine.metrics()}
+        summary = {"gasloc_config": engine.config.to_dict(),
+                   "gasloc_outer_defaults": engine.outer_choice.why,
+                   "gasloc_workers": engine.world_size, **engine.metrics()}
+        if self._workers:  # at the end of training: every worker's own H_i and inner steps
+            summary["gasloc_local_steps_per_worker"] = [w["local_steps"] for w in self._workers]
+            summary["gasloc_inner_steps_per_worker"] = [w["inner_steps"] for w in self._workers]
+        return summary
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.engine is None or logs is None or any(k.startswith("eval_") for k in logs):
@@ -285,6 +333,16 @@ class GASLoCCallback(TrainerCallback):
         logs.update(metrics)
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(metrics)
+
+
+def lockstep_steps(config: GASLoCConfig) -> int | None:
+    """The Trainer steps of a round when the workers' ``H_i`` may differ (a per-rank list of
+    unequal values, or ``auto:H`` on a sparse graph): the largest ``H_i``; else ``None``."""
+    setting = config.local_steps
+    if isinstance(setting, list) and len(set(setting)) > 1 or (
+            isinstance(setting, Auto) and config.topology != "complete"):
+        return nominal_steps(setting)
+    return None
 
 
 TRAINER_ARGUMENTS = ("num_train_epochs", "per_device_train_batch_size",

@@ -35,15 +35,21 @@ class OuterChoice:
 
 
 # (largest H of the band, optimizer, lr, momentum); the last band has no upper bound.
-BANDS = ((1, "sgd", 1.0, 0.0), (10 ** 9, "nesterov", 0.4, 0.5))
+BANDS = ((10, "sgd", 1.0, 0.0), (10 ** 9, "nesterov", 0.7, 0.5))
+# Momentum needs rounds to build up: a run known to have fewer rounds averages plainly.
+FEW_ROUNDS = 30
+PLAIN = ("sgd", 1.0, 0.0)
 # lr and momentum for an optimizer the user picks without them, in any band.
-FOR_OPTIMIZER = {"sgd": (1.0, 0.0), "nesterov": (0.4, 0.5), "sgdm": (0.4, 0.5),
+FOR_OPTIMIZER = {"sgd": (1.0, 0.0), "nesterov": (0.7, 0.5), "sgdm": (0.7, 0.5),
                  "iterate_momentum": (1.0, 0.3)}
 # Beyond these the outer step is known to overshoot at small H (docs/results/outer_defaults.md).
 RISKY_MOMENTUM, RISKY_STEP, SMALL_H = 0.9, 3.0, 100
 
 
-def band_of(local_steps: int) -> tuple[str, float, float]:
+def band_of(local_steps: int, rounds: int | None) -> tuple[str, float, float]:
+    """The default (optimizer, lr, momentum) for ``H`` and, when known, the number of rounds."""
+    if rounds is not None and rounds < FEW_ROUNDS:
+        return PLAIN
     for up_to, optimizer, lr, momentum in BANDS:
         if local_steps <= up_to:
             return optimizer, lr, momentum
@@ -51,11 +57,12 @@ def band_of(local_steps: int) -> tuple[str, float, float]:
 
 
 def choose_outer(optimizer: object | None, lr: float | None, momentum: float | None,
-                 local_steps: int) -> OuterChoice:
-    """Fill what the user left unset (``None``) from ``H``; values the user set are kept."""
+                 local_steps: int, rounds: int | None = None) -> OuterChoice:
+    """Fill what the user left unset (``None``) from ``H`` and the number of rounds (``None``:
+    not known, as in a raw loop); values the user set are kept."""
     if optimizer is not None and not isinstance(optimizer, str):
         return OuterChoice(optimizer, None, None, "a torch.optim optimizer given by the user")
-    band = band_of(local_steps)
+    band = band_of(local_steps, rounds)
     given = {"outer_optimizer": optimizer, "outer_lr": lr, "outer_momentum": momentum}
     if optimizer is None:
         optimizer = band[0] if momentum is None else ("sgd" if momentum == 0 else "nesterov")
@@ -63,7 +70,8 @@ def choose_outer(optimizer: object | None, lr: float | None, momentum: float | N
     chosen = {"outer_optimizer": optimizer, "outer_lr": lr if lr is not None else defaults[0],
               "outer_momentum": momentum if momentum is not None else defaults[1]}
     filled = [f"{name} {value}" for name, value in chosen.items() if given[name] is None]
-    why = (f"{', '.join(filled)}: default for H = {local_steps}" if filled
+    context = f"H = {local_steps}" + (f", {rounds} rounds" if rounds is not None else "")
+    why = (f"{', '.join(filled)}: default for {context}" if filled
            else "every outer setting given by the user")
     return OuterChoice(optimizer, chosen["outer_lr"], chosen["outer_momentum"], why)
 

@@ -26,7 +26,7 @@ class InFlight:
 
     fragment: int
     posted: Posted
-    finish_at: int  # the inner step (counted over the run) at which it finishes
+    finish_at: int  # the engine's clock (inner steps, or lockstep steps) at which it lands
 
 
 @dataclass
@@ -62,8 +62,8 @@ class RoundReport:
 class RoundScheduler:
     """Starts and finishes the fragments' rounds as the inner steps come."""
 
-    def __init__(self, fragments: list[Fragment], delay: int):
-        self.fragments, self.delay = fragments, delay
+    def __init__(self, fragments: list[Fragment]):
+        self.fragments = fragments
         self.reset()
 
     def due(self, steps_in_round: int, round_length: int) -> list[int]:
@@ -75,15 +75,15 @@ class RoundScheduler:
         """The fragments that have not started in the round in progress."""
         return list(range(self.started, len(self.fragments)))
 
-    def start(self, fragment: int, plan: RoundPlan, step: int) -> list[RoundMetrics]:
-        """Start ``fragment``'s round (its previous round lands first if still in flight);
-        returns the rounds this completed."""
+    def start(self, fragment: int, plan: RoundPlan, finish_at: int) -> list[RoundMetrics]:
+        """Start ``fragment``'s round, to land at ``finish_at`` on the engine's clock (its
+        previous round lands first if still in flight); returns the rounds this completed."""
         began = time.perf_counter()
         done = []
         for flight in [f for f in self.in_flight if f.fragment == fragment]:
             done += self.finish(flight)
         posted = self.fragments[fragment].start(plan)
-        self.in_flight.append(InFlight(fragment, posted, step + self.delay))
+        self.in_flight.append(InFlight(fragment, posted, finish_at))
         report = self.reports.setdefault(plan.index, RoundReport(
             plan.index, plan.inner_steps, len(self.fragments)))
         report.blocked_seconds += time.perf_counter() - began

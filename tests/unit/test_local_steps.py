@@ -37,3 +37,18 @@ def test_auto_settings():
     assert GASLoCConfig(local_steps="auto:12").local_steps_for(3, 4) == 12
     with pytest.raises(ValueError, match="'auto' or 'auto:H'"):
         GASLoCConfig(local_steps="auto:x")
+
+
+def test_a_worker_whose_steps_are_slower_takes_proportionally_fewer():
+    slow = AdaptiveLocalSteps(target=30, rank=0, world_size=2)
+    fast = AdaptiveLocalSteps(target=30, rank=1, world_size=2)
+    for rule, step in ((slow, 0.2), (fast, 0.1)):
+        rule.observe_step(step)
+        rule.observe_transfer(0, 0.5)  # the same link
+    slow.merge(fast.table())
+    fast.merge(slow.table())
+    assert slow.step_times == [0.2, 0.1] == fast.step_times
+    assert slow.steps_for(peers=[1]) == 15  # half the steps of the fastest: its round's time
+    assert fast.steps_for(peers=[0]) == 30
+    slow.links[1] = 0.1  # and a link 0.4 s slower than the fastest costs 2 more of its steps
+    assert slow.steps_for(peers=[1]) == 13

@@ -179,3 +179,33 @@ def _outer_specs(rank, comm):
 def test_an_outer_optimizer_by_name_instance_or_factory_is_the_same_update():
     for by_name, instance, factory in run_workers(_outer_specs, 2):
         assert torch.equal(by_name, instance) and torch.equal(by_name, factory)
+
+
+def _lockstep(rank, comm, local_steps, delay):
+    model = TinyNet()
+    inner = torch.optim.SGD(model.parameters(), lr=0.05)
+    engine = GASLoC(model, inner, comm=comm, topology="1peer", local_steps=local_steps,
+                    outer_delay=delay, round_steps=4)
+    idle, landed = [], []
+    for tick in range(12):
+        if engine.step_is_idle():
+            engine.idle_step()
+            idle.append(tick)
+        else:
+            local_step(model, inner, rank, tick)
+        landed.append(engine.totals.rounds)
+    return idle, landed, engine.round, engine.inner_step
+
+
+def test_in_lockstep_a_worker_idles_after_its_h_and_rounds_land_at_the_round_end():
+    """Every round lasts 4 of the caller's steps on every rank; rank 1 (H = 2) idles for the
+    last two of each round, and its exchange lands no earlier than the round's last step,
+    after every peer posted (so a Trainer collective in between never waits on it)."""
+    (idle0, landed0, rounds0, steps0), (idle1, landed1, rounds1, steps1) = run_workers(
+        _lockstep, 2, "4,2", 0)
+    assert idle0 == [] and idle1 == [2, 3, 6, 7, 10, 11]
+    assert (rounds0, rounds1, steps0, steps1) == (3, 3, 12, 6)
+    assert landed0 == landed1 == [0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3]
+    (_, landed0, _, _), (_, landed1, _, _) = run_workers(_lockstep, 2, "4,2", 1)
+    assert landed0 == [0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2]  # outer_delay 1: a step later
+    assert landed1 == [0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3]  # at the round's end, delay spent
