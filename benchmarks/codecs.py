@@ -25,14 +25,14 @@ import torch.distributed as dist
 
 from common import command, machine, median_ms, spawn, table, timed
 from hf_gasloc.wire.codec import BlockInt8Codec, make_codec
-from training import TINY_LLAMA, DataOrder, new_model, prepare_data, ROOT
+from training import DATA_HELP, ROOT, TINY_LLAMA, DataOrder, new_model, prepare_data
 
 CODECS = ("bf16", "fp16", "int8")
 
 
-def _real_tensors() -> dict[str, torch.Tensor]:
+def _real_tensors(source: str) -> dict[str, torch.Tensor]:
     """The tiny LLaMA's weights after 60 steps, and its pseudo-gradient over the next 30."""
-    data = torch.load(prepare_data(ROOT / "outputs" / "codecs", 64))
+    data = torch.load(prepare_data(ROOT / "outputs" / "codecs", 64, source), weights_only=True)
     order = DataOrder(data["train"], 8, 0, 1)
     model = new_model(TINY_LLAMA, torch.device("cpu"))
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
@@ -78,9 +78,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--millions", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--data", default="embedded", help=DATA_HELP)
     args = parser.parse_args()
     numel = args.millions * 1_000_000
-    header = (2 + 4) * 8  # round, health, lost flags of 4 workers
+    header = (4 + 4) * 8  # round, health, layout (2), lost flags of 4 workers
     native = 4 * numel + header
     print(f"Command: `{command()}`\nMachine: {machine()}\n")
 
@@ -91,7 +92,7 @@ def main() -> None:
     print(f"1. Bytes per worker per round and peer, {args.millions}M parameters:\n")
     print(table(["payload", "MB", "vs native fp32"], rows))
 
-    weights, pseudo = _real_tensors().values()
+    weights, pseudo = _real_tensors(args.data).values()
     ratio = float(weights.norm() / pseudo.norm())
 
     def errors(codec) -> list[str]:

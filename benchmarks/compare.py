@@ -5,7 +5,7 @@
     python benchmarks/compare.py --grid h_sweep --device cuda --model_config CONFIG_DIR
 
 Every run trains the same tiny LLaMA (``examples/configs/tiny-llama``, 1.3M
-parameters) from the same initialisation on ``../shared/data/pydocs`` with the
+parameters) from the same initialisation on the ``--data`` text (the results in docs/results used ``--data shared``) with the
 same global data order and the same token budget (``--tokens``): with ``n``
 workers each step consumes ``n`` batches, worker ``i`` taking the ``i``-th. The
 inner optimizer is AdamW with warmup and cosine decay for every method. Every
@@ -34,6 +34,7 @@ from training import (
     cosine_with_warmup,
     evaluate,
     new_model,
+    DATA_HELP,
     prepare_data,
 )
 
@@ -109,7 +110,7 @@ def long_runs(workers: int) -> list[Run]:
 
 def codecs(workers: int) -> list[Run]:
     """Every payload at H = 30 and at H = 1 (gentle outer) for DiLoCo and GASLoC 2peer, and for
-    sparse graphs both things a payload can carry (docs/algorithm.md)."""
+    sparse graphs both things a payload can carry (docs/guide/settings.md#payloads-what-travels)."""
     runs = []
     for payload in ("native", "bf16", "fp16", "int8"):
         runs += [Run("DiLoCo", "complete", workers, 30, payload=payload),
@@ -226,13 +227,14 @@ def main() -> None:
     parser.add_argument("--eval_every", type=int, default=25)
     parser.add_argument("--eval_blocks", type=int, default=256)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--data", default="embedded", help=DATA_HELP)
     args = parser.parse_args()
 
     output = Path(args.output_dir)
     (output / "runs").mkdir(parents=True, exist_ok=True)
     settings = Settings(args.model_config, args.tokens, args.batch_size, args.block_size,
                         args.learning_rate, args.eval_every, args.eval_blocks, args.device,
-                        prepare_data(output, args.block_size))
+                        prepare_data(output, args.block_size, args.data))
     grids = list(GRIDS) if "all" in args.grid else args.grid
     runs: dict[str, Run] = {}
     for name in grids:

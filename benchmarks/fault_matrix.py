@@ -31,7 +31,7 @@ import torch
 
 from common import command, machine, spawn, table
 from launchers import ROOT, TINY, Launched, is_gone, torchrun
-from training import TINY_LLAMA, DataOrder, evaluate, new_model, prepare_data
+from training import DATA_HELP, TINY_LLAMA, DataOrder, evaluate, new_model, prepare_data
 
 STEPS = 60
 
@@ -137,10 +137,11 @@ def main() -> None:
     parser.add_argument("--faults", nargs="+", default=["nan", "frozen-loop", "frozen", "killed"],
                         choices=["nan", "frozen-loop", "frozen", "killed"])
     parser.add_argument("--peer_timeout", type=float, default=10.0)
+    parser.add_argument("--data", default="embedded", help=DATA_HELP)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
         output = Path(folder)
-        cache = prepare_data(ROOT / "outputs" / "fault_matrix", 64)
+        cache = prepare_data(ROOT / "outputs" / "fault_matrix", 64, args.data)
         rows = []
         for fault in args.faults:
             print(f"injecting {fault} ...", flush=True)

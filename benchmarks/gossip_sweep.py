@@ -2,7 +2,7 @@
 
     python benchmarks/gossip_sweep.py --validate         # simulator vs the engine, 4 workers
     python benchmarks/gossip_sweep.py --grid h1          # the sweep (resumable), then a summary
-    python benchmarks/gossip_sweep.py --plot docs/h1_sweep.png
+    python benchmarks/gossip_sweep.py --plot docs/results/h1_sweep.png
 
 ``n`` workers' copies of a small causal LM (``tiny_gpt.py``, 0.37M parameters)
 are stacked along a leading dimension and trained with ``torch.func.vmap``:
@@ -19,7 +19,7 @@ independent ones; a round mixes the proposals with the round's gossip matrix
 Every run: the same initialisation, the same global data order (worker ``i`` of
 ``n`` takes the ``i``-th batch of each step), the same token budget, AdamW with
 5 % warmup and cosine decay; the consensus (the workers' mean) is evaluated on
-256 validation blocks of ``../shared/data/pydocs``. ``--validate`` runs the
+256 validation blocks of the ``--data`` text (the results in docs/results used ``--data shared``). ``--validate`` runs the
 same configuration through the real engine on ``n`` gloo ranks and prints both
 losses. ``--grid h1`` first tunes gossip AdamW's inner lr in every (topology, workers) cell,
 by factors of 2 until the best lies inside what was tried, then runs both outer rules at
@@ -43,7 +43,7 @@ import simulator
 from common import command, machine, spawn, table
 from simulator import Simulation
 from tiny_gpt import new_tiny_gpt
-from training import ROOT, DataOrder, cosine_with_warmup, evaluate, prepare_data
+from training import DATA_HELP, ROOT, DataOrder, cosine_with_warmup, evaluate, prepare_data
 
 
 @dataclass(frozen=True)
@@ -182,9 +182,10 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=4, help="blocks per worker per step")
     parser.add_argument("--output", default=str(ROOT / "outputs" / "gossip_sweep.jsonl"))
     parser.add_argument("--plot", help="write the sweep's figure to this PNG")
+    parser.add_argument("--data", default="embedded", help=DATA_HELP)
     args = parser.parse_args()
     torch.set_num_threads(2)
-    cache = prepare_data(ROOT / "outputs" / "gossip_sweep", 64)
+    cache = prepare_data(ROOT / "outputs" / "gossip_sweep", 64, args.data)
     data = torch.load(cache)
     print(f"Command: `{command()}`\nMachine: {machine()}\n", flush=True)
     if args.validate:

@@ -43,7 +43,7 @@ class Launched:
         machines would run them: the job goes on with ``min_nodes`` after losing one (up to 3
         restarts). Node 0 hosts the rendezvous store; logs are ``logs/node<i>.log``."""
         port = str(29400 + os.getpid() % 500)
-        env = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}  # see docs/reliability.md
+        env = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}  # see docs/guide/reliability.md
         agents = []
         for node in range(nodes):
             agents.append(self.start(torchrun(

@@ -1,7 +1,7 @@
 """Plot the results of ``benchmarks/compare.py`` as PNGs.
 
-    python benchmarks/plot_compare.py --runs outputs/compare/runs --output_dir docs
-    python benchmarks/plot_compare.py --long outputs/compare_long/runs --output_dir docs
+    python benchmarks/plot_compare.py --runs outputs/compare/runs --output_dir docs/results
+    python benchmarks/plot_compare.py --long outputs/compare_long/runs --output_dir docs/results
 """
 
 from __future__ import annotations
@@ -131,7 +131,7 @@ def heat_maps(results: dict, workers: int, path: Path) -> None:
 
 
 def tables(results: dict, counts: list[int]) -> str:
-    """The tables of docs/results.md, in markdown."""
+    """The tables of docs/results/comparison.md, in markdown."""
 
     def rows(runs):
         found = [results[r.key] for r in runs if r.key in results]
@@ -160,7 +160,7 @@ def _save(figure, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", default="outputs/compare/runs")
-    parser.add_argument("--output_dir", default="docs")
+    parser.add_argument("--output_dir", default="docs/results")
     parser.add_argument("--workers", type=int, nargs="+", default=[4, 8])
     parser.add_argument("--long", help="plot the long runs in this folder instead")
     args = parser.parse_args()

@@ -8,7 +8,7 @@ bridge that lives in one more namespace (the host's network is not touched).
 ``tc tbf`` limits every link in both directions to ``--fast_mbit``, and the last
 worker's link to ``share * fast_mbit``. The workers talk over real TCP (gloo) on
 addresses that exist only inside these namespaces, and train the tiny LLaMA on
-``../shared/data/pydocs`` for ``--budget`` seconds of training time (evaluation
+the ``--data`` text for ``--budget`` seconds of training time (evaluation
 time excluded), evaluating the consensus model every ``--eval_rounds`` rounds.
 Everything created (namespaces, links, qdiscs, processes) is removed at the end,
 on error and on Ctrl-C. Results go to ``--output_dir`` (one JSON per run, reused
@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from common import command, machine, table
+from training import DATA_HELP
 
 HERE = Path(__file__).resolve().parent
 METHODS = {  # name: (topology, local_steps, payload, outer_delay, fragments)
@@ -259,6 +260,7 @@ def main() -> None:
     parser.add_argument("--learning_rate", type=float, default=3e-3)
     parser.add_argument("--eval_blocks", type=int, default=128)
     parser.add_argument("--output_dir", default=str(HERE.parent / "outputs" / "slow_link"))
+    parser.add_argument("--data", default="embedded", help=DATA_HELP)
     args = parser.parse_args()
     if args.worker:
         return worker(args)
@@ -269,7 +271,7 @@ def main() -> None:
 
     output = Path(args.output_dir)
     output.mkdir(parents=True, exist_ok=True)
-    cache = prepare_data(output, 64)
+    cache = prepare_data(output, 64, args.data)
     results = []
     for share in args.shares:
         for method in args.methods:

@@ -82,7 +82,7 @@ class GASLoCConfig:
     payload_form: str | None = _setting(
         "auto",
         "what an encoded payload carries: auto (the pseudo-gradient a - x on the complete graph, "
-        "the proposal on sparse graphs; docs/algorithm.md), proposal, or pseudo_gradient",
+        "the proposal on sparse graphs; docs/guide/settings.md#payloads-what-travels), proposal, or pseudo_gradient",
         str,
     )
     outer_delay: int | None = _setting(

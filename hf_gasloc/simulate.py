@@ -1,7 +1,7 @@
 """Compute utilization of DDP, DiLoCo and GASLoC with heterogeneous links: a model.
 
     python -m hf_gasloc.simulate --params 1e9 --workers 16 --bandwidth_gbps 10 --straggler 0.2
-    python -m hf_gasloc.simulate --plot docs/utilization.png     # the paper's figure
+    python -m hf_gasloc.simulate --plot docs/results/utilization.png     # the paper's figure
 
 Utilization is the fraction of wall time the workers spend computing, averaged
 over workers. Notation: ``M = params * bytes_per_param`` (the message), ``t`` the

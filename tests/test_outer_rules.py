@@ -75,7 +75,7 @@ def _complete_mean(rank, world_size, eta, gamma):
 
 
 def test_iterate_momentum_on_the_complete_graph_moves_the_mean_by_diloco_nesterov():
-    """docs/algorithm.md: the mean obeys torch's Nesterov recursion on the mean pseudo-gradient,
+    """docs/guide/algorithm.md: the mean obeys torch's Nesterov recursion on the mean pseudo-gradient,
     theta_{t+1} = theta_t - eta D_t + gamma (theta_t - theta_{t-1}) - gamma eta (D_t - D_{t-1}),
     from the second round on; the first round is outer SGD."""
     eta, gamma = 0.8, 0.6

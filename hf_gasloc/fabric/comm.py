@@ -5,7 +5,7 @@ broadcast and the consensus All-Reduces (on the caller's process group), and
 the gossip itself (on a process group of its own, so that it never queues
 behind, or blocks, the collectives that Trainer and accelerate run):
 point-to-point messages (``batch_isend_irecv``: measured on gloo it is the
-fastest option, ``docs/benchmarks.md``, and it needs no per-round process
+fastest option, ``docs/results/engine_costs.md``, and it needs no per-round process
 groups, whose creation is collective) or the complete graph's All-Reduce.
 Tensors are staged on the device the backend needs: gloo works on CPU tensors,
 NCCL on CUDA tensors.
@@ -122,7 +122,7 @@ class Comm(PointToPoint):
                 + (f"failed: {arrival.error}" if arrival.error else
                    f"did not complete within peer_timeout={self.peer_timeout:g} s")
                 + ". A worker is stalled or lost, and the complete graph (DiLoCo) needs every "
-                "worker: restart the job with the workers that are alive (docs/reliability.md)."
+                "worker: restart the job with the workers that are alive (docs/guide/reliability.md)."
             )
 
     @torch.no_grad()

@@ -62,7 +62,7 @@ class LostPeers:
                 f"GASLoC {self.describe(self.rank)}: every other worker is lost ("
                 + ", ".join(f"{self.describe(r)} in {self.when[r]}" for r in others)
                 + "); this worker cannot gossip any more. Restart the job with the workers "
-                "that are alive (docs/reliability.md)."
+                "that are alive (docs/guide/reliability.md)."
             )
 
     def call_roll(self, comm, when: str) -> list[int]:

@@ -268,7 +268,7 @@ class GASLoCCallback(TrainerCallback):
             f"{self.engine.config.peer_timeout:g} s, its connection broke, or its messages did "
             "not fit (the warning above says which). The Trainer's logging, evaluation and "
             "checkpoints need every rank, so this run stops here. Restart it with the workers "
-            "that are alive (torchrun --nnodes MIN:MAX --max-restarts N, docs/reliability.md): "
+            "that are alive (torchrun --nnodes MIN:MAX --max-restarts N, docs/guide/reliability.md): "
             "run_clm.py resumes from the newest complete checkpoint"
             + (f", {checkpoints[-1]}." if checkpoints else " (there is none yet).")
         )

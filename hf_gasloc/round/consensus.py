@@ -50,7 +50,7 @@ class Consensus:
                 f"GASLoC rank {self.comm.rank}: the consensus needs every worker, but "
                 + ", ".join(self.lost.describe(r) for r in self.lost.lost)
                 + " stopped answering. Save this worker's own model instead, or restart the "
-                "job with the workers that are alive (docs/reliability.md)."
+                "job with the workers that are alive (docs/guide/reliability.md)."
             )
         self.flat.load_live(self._buffers)
         buffers = self.buffers

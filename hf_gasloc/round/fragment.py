@@ -1,7 +1,7 @@
 """A fragment: a slice of the model (whole layers; the whole model unless ``fragments > 1``) with
 its own anchors, outer rule, wire and exchange, taken through one round in two phases.
 
-One round on worker ``i`` (``docs/algorithm.md``)::
+One round on worker ``i`` (``docs/guide/algorithm.md``)::
 
     start   propose       z = a - eta (a - x)                  flat buffers, fp32
             check         is z finite? (``health.py``); consensus distance when asked

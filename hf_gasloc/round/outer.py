@@ -139,7 +139,7 @@ def _torch_optimizer(spec: OuterOptimizer, lr: float, momentum: float | None,
                      anchors: list[torch.Tensor]) -> torch.optim.Optimizer:
     if isinstance(spec, str):
         # foreach: Nesterov adds the momentum into the gradient in place; the default on CPU
-        # makes a model-sized temporary every round (same values, measured: docs/benchmarks.md).
+        # makes a model-sized temporary every round (same values, measured: docs/results/engine_costs.md).
         return torch.optim.SGD(
             anchors, lr=lr, momentum=momentum or 0.0, nesterov=spec == "nesterov", foreach=True
         )

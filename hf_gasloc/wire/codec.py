@@ -6,7 +6,7 @@
 | ``fp16`` | 2 | 11 bits of mantissa, range 6e-5 .. 65504 (values outside are lost) |
 | ``int8`` | 1 + 4/64 = 1.0625 | per block of 64 values: ``round(x / s)`` in [-127, 127] with ``s = absmax / 127`` (an fp32 scale per block) |
 
-``native`` is not a codec: it sends the parameters' own dtype, as before. Block
+``native`` is not a codec: it sends the parameters' own dtype. Block
 size 64 is the smallest that keeps ``int8`` at or below 0.27x of fp32 with its
 scales (32 would be 1.125 bytes, 0.28x); ``benchmarks/codecs.py`` measures the
 error against the block size. Every codec works on any length (the last block
@@ -22,7 +22,7 @@ import torch
 PAYLOADS = ("native", "bf16", "fp16", "int8")
 FORMS = ("auto", "proposal", "pseudo_gradient")  # what an encoded payload carries
 PAYLOAD_HELP = (
-    "what a message carries: native (the parameters' dtype, as before), bf16 or fp16 "
+    "what a message carries: native (the parameters' dtype), bf16 or fp16 "
     "(2 bytes per parameter), int8 (block-wise absmax, 1.06 bytes); with error feedback"
 )
 CHUNK = 1 << 20  # elements per pass of the int8 codec

@@ -16,7 +16,7 @@ later instead of being a bias.
   pseudo-gradient, and the anchors stay identical.
 
 Why ``auto`` picks the pseudo-gradient on the complete graph and the proposal
-on sparse graphs: ``docs/algorithm.md`` (measured).
+on sparse graphs: ``docs/guide/settings.md`` (measured).
 """
 
 from __future__ import annotations
