@@ -8,6 +8,7 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
 from datetime import timedelta
 from typing import Any, Callable
 
@@ -67,6 +68,9 @@ def _entry(rank, world_size, folder, queue, fn, args, backend, abandoning, init,
         queue.put((rank, fn(rank, world_size, *args)))
         if not abandoning:
             dist.barrier()
+    except BaseException:
+        traceback.print_exc()  # torch's spawn keeps it to itself: say why this rank failed
+        raise
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -84,7 +84,8 @@ def _exactness(rank, world_size, dry_run):
         inner = torch.optim.SGD(net.parameters(), lr=0.05)
         lives = []
         inner.register_step_post_hook(lambda *_: lives.append(flat(net)))  # before GASLoC's
-        engine = GASLoC(net, inner, local_steps=2, **settings)
+        engine = GASLoC(net, inner, local_steps=2, outer_optimizer="nesterov", outer_lr=0.7,
+                        outer_momentum=0.9, **settings)  # DiLoCo's, written out below
         anchor, momentum, worst = mean_of(flat(net)), torch.zeros_like(flat(net)), 0.0
         for round_index in range(3):
             start = flat(net)  # this rank's anchor: on 1peer, the mean of them follows DiLoCo
@@ -149,7 +150,7 @@ def _engine_cost(rank, world_size, config_dir, dry_run, anchor_on_cpu):
 
 
 def _run_clm(recipe: str, dry_run: bool, batch: int | None) -> dict:
-    sys.path.insert(0, str(ROOT / "examples"))
+    sys.path.insert(0, str(ROOT / "examples"))  # a script beside this one's
     import run_clm
 
     output = Path(os.environ.get("OUT", ROOT / "outputs")) / f"gpu_check_{Path(recipe).stem}"
@@ -163,11 +164,11 @@ def _run_clm(recipe: str, dry_run: bool, batch: int | None) -> dict:
         flags += ["--recipe_smoke_test"]
     if batch is not None:
         flags += ["--per_device_train_batch_size", str(batch)]
-    args = run_clm.parse_arguments(flags)
-    model_args, data_args, training_args, plugin, embedded, _ = args
+    arguments = run_clm.parse_arguments(flags)
+    data_args, training_args = arguments.data, arguments.training
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    trainer = run_clm.run(model_args, data_args, training_args, plugin, embedded, [])
+    trainer = run_clm.run(arguments)
     runtime = next(h["train_runtime"] for h in trainer.state.log_history if "train_runtime" in h)
     tokens = (trainer.state.global_step * training_args.per_device_train_batch_size
               * training_args.gradient_accumulation_steps * (data_args.block_size or 1024))

@@ -7,8 +7,8 @@ from hf_gasloc import GASLoC
 from hf_gasloc.wire.codec import make_codec
 
 from .distributed import run_ranks
-from .workers import (DiLoCoReference, TinyNet, flat, gather, load_training, local_step, mean,
-                      mean_anchor_against_diloco, train_rounds)
+from .workers import (DILOCO_OUTER, DiLoCoReference, TinyNet, flat, gather, load_training,
+                      local_step, mean, mean_anchor_against_diloco, train_rounds)
 
 
 class Quantized:
@@ -34,8 +34,9 @@ def _complete_with_codec_is_diloco_with_codec(rank, world_size):
     for name in ("bf16", "fp16", "int8"):
         model = TinyNet()
         inner = torch.optim.AdamW(model.parameters(), lr=1e-2)
-        engine = GASLoC(model, None, topology="complete", payload=name, local_steps=3)
-        reference, quantize = DiLoCoReference(flat(model), "nesterov", 0.7, 0.9), Quantized(name)
+        engine = GASLoC(model, None, topology="complete", payload=name, local_steps=3,
+                        **DILOCO_OUTER)
+        reference, quantize = DiLoCoReference.following(flat(model), engine.config), Quantized(name)
         worst = 0.0
         for round_index in range(4):
             # Each round starts the reference from the engine's state: quantization is not
@@ -70,7 +71,8 @@ def test_complete_with_a_codec_is_diloco_with_that_codec_on_the_pseudo_gradient(
 def _sparse_mean_follows_diloco(rank, world_size, payload):
     model = TinyNet()
     inner = torch.optim.SGD(model.parameters(), lr=0.05)
-    engine = GASLoC(model, None, topology="2peer", payload=payload, local_steps=3, seed=11)
+    engine = GASLoC(model, None, topology="2peer", payload=payload, local_steps=3, seed=11,
+                    **DILOCO_OUTER)
     worst, spread = mean_anchor_against_diloco(model, inner, engine, rank, 6, 3)
     wire = engine.fragments[0].wire.messages[0].numel()
     return worst, spread, engine.last_round.bytes_sent, wire, len(engine.topology.graph(5).peers[rank])
@@ -81,7 +83,8 @@ def test_with_a_codec_the_mean_anchor_still_follows_diloco_exactly(payload):
     for worst, spread, sent, wire, peers in run_ranks(_sparse_mean_follows_diloco, 4, payload):
         assert worst < 1e-6, f"{payload}: mean anchor off by {worst}"
         assert spread > 1e-4
-        assert sent == (wire + (2 + 4) * 8) * peers  # the payload and the fp64 header, per peer
+        # Per peer: the payload and the fp64 header (round, health, layout's 2, 4 lost flags).
+        assert sent == (wire + (4 + 4) * 8) * peers
 
 
 def _resume_with_residuals(rank, world_size, folder):

@@ -273,9 +273,12 @@ class FirstStep(TrainerCallback):
             self.seen = (flat(model), [s["momentum_buffer"].clone() for s in momentum.values()])
 
 
+MOMENTUM = dict(outer_optimizer="nesterov", outer_momentum=0.5)  # a state to keep or average
+
+
 def _grow(rank, world_size, folder):
     train_blocks, validation = blocks()
-    callback = GASLoCCallback(topology="1peer", local_steps=2, seed=3)
+    callback = GASLoCCallback(topology="1peer", local_steps=2, seed=3, **MOMENTUM)
     probe = FirstStep(callback)
     arguments = training_arguments(folder, max_steps=8, save_strategy="no")
     trainer = Trainer(model=tiny_llama(), args=arguments, train_dataset=train_blocks,
@@ -289,7 +292,7 @@ def _saved(rank, world_size, folder):
     train_blocks, _ = blocks()
     arguments = training_arguments(folder, max_steps=4, save_strategy="steps", save_steps=4)
     trainer = Trainer(model=tiny_llama(), args=arguments, train_dataset=train_blocks,
-                      callbacks=[GASLoCCallback(topology="1peer", local_steps=2, seed=3)])
+                      callbacks=[GASLoCCallback(topology="1peer", local_steps=2, seed=3, **MOMENTUM)])
     trainer.train()
 
 

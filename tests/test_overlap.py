@@ -10,8 +10,8 @@ from hf_gasloc.schedule.fragments import split_fragments, start_steps
 
 from .clm import blocks, tiny_llama, training_arguments
 from .distributed import run_ranks
-from .workers import (DiLoCoReference, TinyNet, flat, gather, load_training, local_step, mean,
-                      save_training)
+from .workers import (DILOCO_OUTER, DiLoCoReference, TinyNet, flat, gather, load_training,
+                      local_step, mean, save_training)
 
 H, DELAY = 4, 2
 
@@ -21,8 +21,9 @@ def _delayed_complete_is_delayed_diloco(rank, world_size):
     inner = torch.optim.AdamW(model.parameters(), lr=1e-2)
     after_inner = []
     inner.register_step_post_hook(lambda *_: after_inner.append(flat(model)))  # before GASLoC's
-    engine = GASLoC(model, inner, topology="complete", local_steps=H, outer_delay=DELAY)
-    reference = DiLoCoReference(flat(model), "nesterov", 0.7, 0.9)
+    engine = GASLoC(model, inner, topology="complete", local_steps=H, outer_delay=DELAY,
+                    **DILOCO_OUTER)
+    reference = DiLoCoReference.following(flat(model), engine.config)
     worst, started = 0.0, {}
     for step in range(1, 5 * H + DELAY + 1):
         local_step(model, inner, rank, step)
@@ -48,7 +49,8 @@ def _fragments_on_the_complete_graph(rank, world_size):
     after_inner = []
     inner.register_step_post_hook(lambda *_: after_inner.append(
         [p.detach().clone() for p in model.parameters()]))  # runs before GASLoC's hook
-    engine = GASLoC(model, inner, topology="complete", local_steps=H, fragments=2)
+    engine = GASLoC(model, inner, topology="complete", local_steps=H, fragments=2,
+                    **DILOCO_OUTER)
     parts = [{id(p) for p in part} for part in split_fragments(model, 2)]
     members = [[k for k, p in enumerate(model.parameters()) if id(p) in part] for part in parts]
 
@@ -56,7 +58,7 @@ def _fragments_on_the_complete_graph(rank, world_size):
         return torch.cat([values[k].reshape(-1) for k in members[f]])
 
     params = list(model.parameters())
-    references = [DiLoCoReference(fragment(params, f).detach(), "nesterov", 0.7, 0.9)
+    references = [DiLoCoReference.following(fragment(params, f).detach(), engine.config)
                   for f in range(2)]
     worst = 0.0
     for step in range(1, 3 * H + 1):

@@ -37,7 +37,9 @@ def test_attach_disables_all_reduce_and_runs_rounds():
     for local_counts, round_counts, lives, rounds, after in run_ranks(_attached_loop, 2, init=False):
         assert local_counts == {}, f"collectives during local steps: {local_counts}"
         assert not torch.equal(lives[0], lives[1])
-        assert round_counts == {"gloo:send": 2, "gloo:recv": 2}  # header and message
+        # The header swap, from the training thread: the message follows from the thread
+        # that waits for the peer's header (the profiler sees the calling thread only).
+        assert round_counts == {"gloo:send": 1, "gloo:recv": 1}
         assert rounds == 1
         assert torch.allclose(after[0], after[1], atol=1e-6), "1peer on 2 workers averages both"
 

@@ -102,8 +102,9 @@ def test_callback_trains_without_step_collectives_and_evaluates_the_consensus(tm
         assert r["average_tokens"] is False
         assert len(r["intervals"]) == 6
         for step, counts in enumerate(r["intervals"], start=1):
-            # A round's exchange: a header and the message, each way.
-            expected = {"gloo:send": 2, "gloo:recv": 2} if step % 2 == 0 else {}
+            # A round's exchange: the header swap from the training thread (the message
+            # follows from the thread that checks the header: the profiler does not see it).
+            expected = {"gloo:send": 1, "gloo:recv": 1} if step % 2 == 0 else {}
             if step in (4, 6):  # eval steps: GASLoC swaps in the consensus (a count of the
                 expected["gloo:all_reduce"] = 2  # finite workers, then one All-Reduce)
             if step in (3, 4, 6):  # before Trainer's logging/eval collectives: a roll call

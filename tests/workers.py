@@ -6,6 +6,10 @@ import torch
 import torch.distributed as dist
 
 
+# DiLoCo's published outer step: the equivalence tests pin it (the defaults follow H).
+DILOCO_OUTER = dict(outer_optimizer="nesterov", outer_lr=0.7, outer_momentum=0.9)
+
+
 class TinyNet(torch.nn.Module):
     """Two layers and a buffer (DDP would broadcast it every forward)."""
 
@@ -54,6 +58,11 @@ class DiLoCoReference:
         self.optimizer, self.lr, self.momentum = optimizer, lr, momentum
         self.buffer = torch.zeros_like(anchor)
 
+    @classmethod
+    def following(cls, anchor: torch.Tensor, config) -> DiLoCoReference:
+        """The reference with an engine's outer settings (``engine.config``)."""
+        return cls(anchor, config.outer_optimizer, config.outer_lr, config.outer_momentum)
+
     def step(self, pseudo_gradient: torch.Tensor) -> torch.Tensor:
         if self.optimizer == "sgd":
             update = pseudo_gradient
@@ -90,9 +99,9 @@ def train_rounds(model, inner, engine, rank: int, rounds: int, save_to: str | No
 
 def mean_anchor_against_diloco(model, inner, engine, rank: int, rounds: int,
                                steps: int) -> tuple[float, float]:
-    """Invariant 2, round by round: the workers' mean anchor against DiLoCo (Nesterov lr 0.7,
-    momentum 0.9) on the mean pseudo-gradient. Returns the worst gap and the anchors' spread."""
-    reference = DiLoCoReference(flat(model), "nesterov", 0.7, 0.9)
+    """Invariant 2, round by round: the workers' mean anchor against DiLoCo, with the engine's
+    outer settings, on the mean pseudo-gradient. Returns the worst gap and the anchors' spread."""
+    reference = DiLoCoReference.following(flat(model), engine.config)
     worst, spread = 0.0, 0.0
     for round_index in range(rounds):
         anchors = gather(flat(model))  # x_i == a_i at the start of a round

@@ -2,18 +2,26 @@
 
 DiLoCo's published outer setting (Nesterov, lr 0.7, momentum 0.9) was tuned at
 ``H = 500`` on large models, over thousands of rounds. At the ``H`` of tens and
-the budgets of tens of rounds that decentralized runs often have, a Nesterov
-step of 0.7 with momentum 0.9 moves about ``0.7 / (1 - 0.9) = 7`` times the
-mean pseudo-gradient per round and overshoots: measured, it loses to plain
-averaging (outer SGD, lr 1: accelerate's ``LocalSGD``) by 2 % to 35 %. So when
-the outer settings are left unset they come from ``BANDS`` below, the result of
-``benchmarks/outer_defaults.py`` (``docs/results/outer_defaults.md``):
+the budgets of tens of rounds that decentralized runs often have, it moves about
+``0.7 / (1 - 0.9) = 7`` times the mean pseudo-gradient per round and overshoots:
+measured, it loses to plain averaging (outer SGD, lr 1: accelerate's
+``LocalSGD``) by 2 % to 35 %. ``benchmarks/outer_defaults.py`` measured a grid
+(``docs/results/outer_defaults.md``); what it found is the rule:
 
-``H`` in ``(previous bound, up_to]`` gives the optimizer, lr and momentum; a
-user who picks only the optimizer gets the band's values for that optimizer
-(``FOR_OPTIMIZER``); one who sets only a momentum gets Nesterov (or ``sgd`` for
-0). ``H`` is the setting's nominal value: the number, the largest of a per-rank
-list, or the target of ``auto:H``.
+- ``H`` up to ``PLAIN_UP_TO``: outer SGD, lr 1 (plain averaging: on the complete
+  graph exactly ``LocalSGD``, at ``H = 1`` exactly gossip AdamW). Every momentum
+  setting tried was level with it or behind, by up to 35 %.
+- larger ``H``: Nesterov, lr 0.7, momentum 0.5 (about 1.4 times the mean
+  pseudo-gradient per round), ahead of plain averaging by about 1 % once there
+  are many rounds;
+- a run known to have fewer than ``FEW_ROUNDS`` rounds averages plainly whatever
+  ``H``: momentum needs rounds to build up, and over 12 rounds it did not pay.
+
+A user who picks only the optimizer gets the values of ``FOR_OPTIMIZER``; one
+who sets only a momentum gets Nesterov (or ``sgd`` for 0). ``H`` is the
+setting's nominal value: the number, the largest of a per-rank list, or the
+target of ``auto:H``; the number of rounds is known when the run says how many
+steps it takes (the Trainer does; ``GASLoCPlugin.attach(total_steps=...)``).
 """
 
 from __future__ import annotations
@@ -34,11 +42,12 @@ class OuterChoice:
     why: str
 
 
-# (largest H of the band, optimizer, lr, momentum); the last band has no upper bound.
-BANDS = ((10, "sgd", 1.0, 0.0), (10 ** 9, "nesterov", 0.7, 0.5))
-# Momentum needs rounds to build up: a run known to have fewer rounds averages plainly.
-FEW_ROUNDS = 30
+# Measured at H = 10 (plain averaging best) and H = 30 (momentum ahead): the bound between
+# them is not measured.
+PLAIN_UP_TO = 16
 PLAIN = ("sgd", 1.0, 0.0)
+ACCELERATED = ("nesterov", 0.7, 0.5)
+FEW_ROUNDS = 30
 # lr and momentum for an optimizer the user picks without them, in any band.
 FOR_OPTIMIZER = {"sgd": (1.0, 0.0), "nesterov": (0.7, 0.5), "sgdm": (0.7, 0.5),
                  "iterate_momentum": (1.0, 0.3)}
@@ -48,12 +57,9 @@ RISKY_MOMENTUM, RISKY_STEP, SMALL_H = 0.9, 3.0, 100
 
 def band_of(local_steps: int, rounds: int | None) -> tuple[str, float, float]:
     """The default (optimizer, lr, momentum) for ``H`` and, when known, the number of rounds."""
-    if rounds is not None and rounds < FEW_ROUNDS:
+    if local_steps <= PLAIN_UP_TO or (rounds is not None and rounds < FEW_ROUNDS):
         return PLAIN
-    for up_to, optimizer, lr, momentum in BANDS:
-        if local_steps <= up_to:
-            return optimizer, lr, momentum
-    raise AssertionError("the last band has no upper bound")
+    return ACCELERATED
 
 
 def choose_outer(optimizer: object | None, lr: float | None, momentum: float | None,

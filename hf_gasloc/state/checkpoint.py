@@ -111,16 +111,12 @@ def read_manifest(checkpoint_dir: str | os.PathLike) -> dict[str, Any]:
 
 def load_rank_state(checkpoint_dir: str | os.PathLike, rank: int,
                   manifest: dict[str, Any]) -> dict[str, Any]:
-    """Read ``gasloc/rank<rank>.pt`` and check that it belongs to the manifest's run and step."""
+    """Read ``gasloc/rank<rank>.pt`` and check that it belongs to the manifest's run and step,
+    with the size and SHA-256 the manifest lists."""
     path = rank_state_path(checkpoint_dir, rank)
     if not path.is_file():
         raise CheckpointError(f"{path} is missing: the checkpoint lacks rank {rank}'s own state. "
                               "Resume from an earlier checkpoint.")
-    entry = manifest.get("files", {}).get(str(rank))
-    if entry is not None and (path.stat().st_size != entry["bytes"]
-                              or file_digest(path) != entry["sha256"]):
-        raise CheckpointError(f"{path} is truncated or corrupt (its size or SHA-256 differs "
-                              "from the manifest's); resume from an earlier checkpoint.")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - any unreadable file gets the same clear error
@@ -134,6 +130,11 @@ def load_rank_state(checkpoint_dir: str | os.PathLike, rank: int,
             f"{path} belongs to another run or step (run {state['run_id']}, step {state['step']}) "
             f"than {manifest_path(checkpoint_dir)} (run {manifest['run_id']}, step "
             f"{manifest['step']}); resume from a checkpoint whose files were saved together.")
+    entry = manifest.get("files", {}).get(str(rank))  # last: the errors above say more
+    if entry is not None and (path.stat().st_size != entry["bytes"]
+                              or file_digest(path) != entry["sha256"]):
+        raise CheckpointError(f"{path} is truncated or corrupt (its size or SHA-256 differs "
+                              "from the manifest's); resume from an earlier checkpoint.")
     return state
 
 
