@@ -129,9 +129,10 @@ def cell_results(done: dict, cell, inner_lr: float) -> dict | None:
     """A finished cell: each point's loss, the best, plain averaging, the default, gossip."""
     runs = runs_of(cell, inner_lr)
     losses = {run: loss_of(done, run) for run in runs}
-    if None in losses.values():
+    if None in [losses[run] for run in runs[:-1]]:  # gossip AdamW is a reference: optional
         return None
-    grid = {(r.rule, r.outer_lr, r.momentum): loss for r, loss in list(losses.items())[:-1]}
+    # The last run is gossip AdamW; at H = 1 it is also the grid's plain point.
+    grid = {(r.rule, r.outer_lr, r.momentum): losses[r] for r in runs[:-1]}
     finite = {p: loss for p, loss in grid.items() if loss == loss}
     best = min(finite, key=finite.get)
     local_steps, topology, _, budget = cell
@@ -159,7 +160,8 @@ def summary(done: dict, inner_lr: float) -> str:
         worst["vs plain"] = max(worst["vs plain"], vs_plain)
         rows.append([local_steps, topology, workers, f"{budget} ({steps_of(local_steps, budget)})",
                      describe(found["default"]), f"{default:.3f}", f"{found['plain']:.3f}",
-                     f"{vs_plain:+.1%}", f"{found['gossip']:.3f}",
+                     f"{vs_plain:+.1%}",
+                     "not run" if found["gossip"] is None else f"{found['gossip']:.3f}",
                      f"{found['grid'][found['best']]:.3f} ({describe(found['best'])})",
                      f"{vs_best:+.1%}", f"{found['old']:.3f}"])
     header = ["H", "topology", "workers", "budget (steps)", "default", "default loss",

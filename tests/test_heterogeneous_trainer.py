@@ -63,3 +63,4 @@ def test_auto_h_gives_a_slower_worker_fewer_steps_under_the_trainer(tmp_path):
         assert r["steps"] == 32 and r["rounds"] == 8
         fast, slow = r["summary"]["gasloc_inner_steps_per_worker"]
         assert fast == 32 and slow < 28, (fast, slow)  # round 0 is full; then it adapts
+        assert r["summary"]["gasloc_local_steps_per_worker"][1] < 4  # its H_i at the end

@@ -298,8 +298,7 @@ class GASLoCCallback(TrainerCallback):
             del self.trainer.training_step, self._optimizer.step
             self._wrapped_step = self._wrapped_training_step = None
         self._workers = self.engine.comm.all_gather_json(
-            {"local_steps": self.engine.config.local_steps_for(self.engine.rank,
-                                                               self.engine.world_size),
+            {"local_steps": self.engine.round_length,  # with auto:H, the last round's
              "inner_steps": self.engine.inner_step})
         if self._replaced_timeout is not None:
             self.engine.comm.set_group_timeout(self._replaced_timeout)
