@@ -180,7 +180,9 @@ class GASLoCCallback(TrainerCallback):
         them. A step's time, for ``auto:H``, is its forward and backward alone: the waits of
         the Trainer's own collectives are not this worker's speed."""
         engine, last = self.engine, {"compute": 0.0}
+        self._wrapped_training_step, self._wrapped_step = trainer.training_step, optimizer.step
 
+        @functools.wraps(self._wrapped_training_step)
         def training_step(*args, **kwargs):
             if engine.step_is_idle():
                 return last.get("loss", torch.zeros((), device=trainer.args.device))
@@ -189,6 +191,7 @@ class GASLoCCallback(TrainerCallback):
             last["compute"] += time.perf_counter() - began
             return last["loss"]
 
+        @functools.wraps(self._wrapped_step)  # keeps the LR scheduler's mark on the step
         def step(*args, **kwargs):
             if engine.step_is_idle():
                 return engine.idle_step()
@@ -196,8 +199,7 @@ class GASLoCCallback(TrainerCallback):
             last["compute"] = 0.0
             return self._wrapped_step(*args, **kwargs)
 
-        self._wrapped_training_step, trainer.training_step = trainer.training_step, training_step
-        self._wrapped_step, optimizer.step = optimizer.step, step
+        trainer.training_step, optimizer.step = training_step, step
 
     def _distributed(self, args) -> bool:
         launched = int(os.environ.get("WORLD_SIZE", "1"))
