@@ -26,7 +26,8 @@ from .round.fragment import Fragment, RoundPlan, Worker
 from .round.health import Health
 from .round.inner import InnerStepHook
 from .round.metrics import RoundMetrics, Totals, as_log
-from .round.outer import build_outer_rule
+from .round.outer import OUTER_OPTIMIZERS, build_outer_rule
+from .round.outer_defaults import OuterChoice
 from .round.scheduler import RoundScheduler
 from .schedule.fragments import split_fragments
 from .schedule.local_steps import local_steps_policy
@@ -34,6 +35,7 @@ from .schedule.topology import build_topology
 from .state.flat import FlatModel
 
 STATE_FORMAT = 2
+OUTER_SETTINGS = ("outer_optimizer", "outer_lr", "outer_momentum")
 logger = logging.getLogger(__name__)
 
 
@@ -61,6 +63,8 @@ class GASLoC:
             config, **settings)
         if not config.enabled:
             raise ValueError("topology 'none' is plain DDP: do not attach a GASLoC engine.")
+        # Outer settings left unset: a resumed run keeps those of the run it continues.
+        self._outer_unset = [name for name in OUTER_SETTINGS if getattr(config, name) is None]
         self.config, self.outer_choice = config.with_outer_defaults(total_steps)
         config = self.config
         self.comm = comm or Comm(process_group, config.peer_timeout)
@@ -75,7 +79,10 @@ class GASLoC:
         self.run_id = self.comm.run_id  # a resumed run takes its checkpoint's
         self.lost = LostPeers(self.rank, self.comm.hosts)
         self.health = Health(self.rank, config.max_bad_rounds)
-        self.consensus = Consensus(self.flat, self.comm, self.lost, config.outer_delay > 0)
+        # An exchange may be in flight in the work buffers during a round: delayed rounds, and
+        # lockstep rounds (it lands at the round's end, after this worker's H_i steps).
+        self.consensus = Consensus(self.flat, self.comm, self.lost,
+                                   config.outer_delay > 0 or round_steps is not None)
         self.consensus.start_from_first_rank()
         worker = Worker(self.comm, self.health, self.lost, self.local_steps)
         self.fragments = [Fragment(part, build_outer_rule(config.outer_optimizer, config.outer_lr,
@@ -223,7 +230,7 @@ class GASLoC:
         """
         self._report(self.scheduler.finish_all())
         self.consensus.install()
-        self.steps_in_round = 0
+        self.steps_in_round = self.ticks_in_round = 0
         self.scheduler.new_round()
 
     # ------------------------------------------------------------ state
@@ -252,6 +259,7 @@ class GASLoC:
                              f"{STATE_FORMAT}: it was saved by another version of hf_gasloc.")
         check_resumable(state["identity"], self.identity(), "the GASLoC state", resized)
         in_flight = any(saved["in_flight"] for saved in state["fragments"])
+        self._keep_saved_outer_settings(state["settings"])
         self.changed_at_resume = changed_at_resume(state["settings"], self.config.to_dict(),
                                                    "the GASLoC state", in_flight)
         for fragment, saved in zip(self.fragments, state["fragments"], strict=True):
@@ -266,6 +274,26 @@ class GASLoC:
             self.ticks_in_round = state["ticks_in_round"]
             self.local_steps.load_state_dict(state["local_steps"])
             self.lost.load_state_dict(state["lost_peers"])
+
+    def _keep_saved_outer_settings(self, saved: dict[str, Any]) -> None:
+        """Outer settings the user left unset continue as the saved run chose them: the rule's
+        choice depends on ``H`` and the number of rounds, which a resume may change."""
+        kept = {name: saved[name] for name in self._outer_unset if name in saved}
+        if kept.get("outer_optimizer", "sgd") not in OUTER_OPTIMIZERS:
+            return  # a torch.optim object the saved run was given: not rebuilt from a name
+        if all(getattr(self.config, name) == value for name, value in kept.items()):
+            return
+        self.config = dataclasses.replace(self.config, **kept)
+        config = self.config
+        self.outer_choice = OuterChoice(
+            config.outer_optimizer, config.outer_lr, config.outer_momentum,
+            f"outer_optimizer {config.outer_optimizer}, outer_lr {config.outer_lr}, "
+            f"outer_momentum {config.outer_momentum}: as the resumed run chose them")
+        for fragment in self.fragments:
+            fragment.outer = build_outer_rule(config.outer_optimizer, config.outer_lr,
+                                              config.outer_momentum, fragment.flat.anchors)
+        if self.rank == 0:
+            logger.info("GASLoC: %s.", self.outer_choice.why)
 
     def start_round(self, index: int) -> None:
         """Go on at the start of round ``index`` (a resume on another number of workers)."""

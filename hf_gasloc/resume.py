@@ -50,13 +50,19 @@ def save(checkpoint_dir: str | os.PathLike, engine: GASLoC, model: torch.nn.Modu
     if failures:
         raise CheckpointError(f"{checkpoint_dir} could not be saved completely:\n  "
                               + "\n  ".join(failures))
-    manifest = manifest_path(checkpoint_dir)
+    failure = None
     if engine.rank == 0:
         identity = {k: v for k, v in engine.identity().items() if k != "rank"}
-        write_manifest(checkpoint_dir, {
-            "run_id": engine.run_id, "step": step, "round": engine.round, **identity,
-            "files": {str(rank): found["written"] for rank, found in enumerate(everyone)}})
-    return manifest
+        try:
+            write_manifest(checkpoint_dir, {
+                "run_id": engine.run_id, "step": step, "round": engine.round, **identity,
+                "files": {str(rank): found["written"] for rank, found in enumerate(everyone)}})
+        except CheckpointError as error:
+            failure = f"rank 0: {error}"
+    failure = engine.comm.all_gather_json(failure)[0]  # every rank stops, or none
+    if failure:
+        raise CheckpointError(f"{checkpoint_dir} could not be saved completely:\n  {failure}")
+    return manifest_path(checkpoint_dir)
 
 
 def resume(checkpoint_dir: str | os.PathLike, engine: GASLoC, model: torch.nn.Module,
@@ -64,6 +70,10 @@ def resume(checkpoint_dir: str | os.PathLike, engine: GASLoC, model: torch.nn.Mo
     """Restore this rank's GASLoC worker from ``checkpoint_dir`` (collective); says how. A
     checkpoint saved without GASLoC (plain DDP or one process) holds no GASLoC state: the
     workers start from its model (which the Trainer loaded) with a fresh outer state."""
+    found = engine.comm.all_gather_json(Path(checkpoint_dir).is_dir())
+    if not all(found):
+        raise CheckpointError(f"{checkpoint_dir} does not exist (on ranks "
+                              f"{[r for r, f in enumerate(found) if not f]}): check the path.")
     plain = [not found for found in engine.comm.all_gather_json(
         (Path(checkpoint_dir) / "gasloc").exists())]
     if any(plain) != all(plain):

@@ -70,3 +70,18 @@ def test_auto_h_gives_a_slower_worker_fewer_steps_under_the_trainer(tmp_path):
         fast, slow = r["summary"]["gasloc_inner_steps_per_worker"]
         assert fast == 32 and slow < 28, (fast, slow)  # round 0 is full; then it adapts
         assert r["summary"]["gasloc_local_steps_per_worker"][1] < 4  # its H_i at the end
+
+
+def test_evaluation_and_a_checkpoint_inside_a_round_change_nothing(tmp_path):
+    # Step 6 is inside the round of steps 5-8: rank 1 (H_i = 2) has posted its exchange.
+    inside = dict(eval_steps=6, save_steps=6)
+    probed = run_ranks(_train, 2, str(tmp_path / "a"), "4,2", None, None, inside, init=False,
+                       timeout=600)
+    plain = run_ranks(_train, 2, str(tmp_path / "b"), "4,2", None, None,
+                      dict(eval_strategy="no", save_strategy="no"), init=False, timeout=600)
+    assert torch.equal(probed[0]["params"][0], plain[0]["params"][0])
+    assert torch.equal(probed[0]["params"][1], plain[0]["params"][1])
+    # The checkpoint asked for at step 6 is taken at the round's end, step 8.
+    assert not (tmp_path / "a" / "checkpoint-6").exists()
+    assert (tmp_path / "a" / "checkpoint-8/gasloc/manifest.json").exists()
+    assert (tmp_path / "a" / "checkpoint-12/gasloc/manifest.json").exists()

@@ -34,6 +34,7 @@ class Arrival:
     error: str | None = None
     thread: threading.Thread | None = None
     started: float = 0.0  # when it was posted (collectives)
+    deferred: Callable[[], None] | None = None  # NCCL: the wait, run when the caller joins
 
     def wait_in_background(self, started: float, blocking: bool) -> None:
         """Wait for the first part's works, post and wait for the rest; record when."""
@@ -51,14 +52,17 @@ class Arrival:
             except Exception as error:  # noqa: BLE001 - reported to the caller
                 self.error = reason(error)
 
-        if blocking:
-            wait()
+        if blocking:  # on the caller's thread, when it waits: posting never blocks
+            self.deferred = wait
             return
         self.thread = threading.Thread(target=wait, name="gasloc-wait", daemon=True)
         self.thread.start()
 
     def join(self, deadline: float) -> bool:
         """Wait until ``deadline`` (a ``perf_counter`` time); True when everything completed."""
+        if self.deferred is not None:
+            wait, self.deferred = self.deferred, None
+            wait()
         if self.thread is not None:
             self.thread.join(max(0.0, deadline - time.perf_counter()))
             if self.thread.is_alive():

@@ -76,6 +76,7 @@ class GASLoCCallback(TrainerCallback):
         self._own_parameters: list[list[torch.Tensor]] | None = None
         self._replaced_timeout = None
         self._wrapped_step = self._wrapped_training_step = None  # lockstep: the originals
+        self._save_pending = False  # lockstep: a checkpoint moved to the round's end
         self._workers: list[dict] = []  # each worker's H_i and inner steps, at the end
 
     # ------------------------------------------------------------------ bind
@@ -141,6 +142,8 @@ class GASLoCCallback(TrainerCallback):
 
     # ---------------------------------------------------------------- start
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self._unwrap_idle_steps()  # a previous train() that raised left them wrapped
+        self._save_pending = False
         if self.engine is not None:
             self.engine.detach()
             self.engine = None
@@ -172,8 +175,9 @@ class GASLoCCallback(TrainerCallback):
             logger.info("GASLoC: rank %d resumed from %s with %s", self.engine.rank, checkpoint, how)
 
     def _idle_when_done(self, trainer: Trainer, optimizer) -> None:
-        """Unequal ``H_i``: every rank takes the same Trainer steps (so logging, evaluation,
-        checkpoints and the end meet on every rank, at any step), and a round lasts ``H`` of
+        """Unequal ``H_i``: every rank takes the same Trainer steps (so logging, evaluation
+        and the end meet on every rank, at any step; checkpoints, at the round's end), and a
+        round lasts ``H`` of
         them, ``H`` the largest ``H_i``. A worker whose ``H_i`` steps of the round are done
         skips the forward, backward and optimizer step of the rest of the round (the Trainer
         still fetches their batches, which it leaves unused), and reports its last loss for
@@ -200,6 +204,13 @@ class GASLoCCallback(TrainerCallback):
             return self._wrapped_step(*args, **kwargs)
 
         trainer.training_step, optimizer.step = training_step, step
+
+    def _unwrap_idle_steps(self) -> None:
+        """The Trainer's ``training_step`` and the optimizer's ``step`` as they were."""
+        if self._wrapped_step is not None:
+            self.trainer.training_step = self._wrapped_training_step
+            self._optimizer.step = self._wrapped_step
+            self._wrapped_step = self._wrapped_training_step = None
 
     def _distributed(self, args) -> bool:
         launched = int(os.environ.get("WORLD_SIZE", "1"))
@@ -248,6 +259,7 @@ class GASLoCCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if self.engine is None:
             return
+        self._save_at_round_end(state, control)
         if control.should_log or control.should_evaluate or control.should_save:
             engine = self.engine
             engine.lost.call_roll(engine.comm, f"the check before step {state.global_step}'s "
@@ -258,6 +270,22 @@ class GASLoCCallback(TrainerCallback):
             self.engine.health.recover_before_save(self.engine.round, self.engine.inner_step)
         if control.should_evaluate or control.should_save:
             self._swap_in_consensus()
+
+    def _save_at_round_end(self, state, control) -> None:
+        """Lockstep: a checkpoint asked for inside a round waits for the round's last step.
+        Inside a round a worker's exchange may wait for a peer that posts at its own later
+        step, so saving it there would wait forever; every rank counts the same steps, so
+        every rank moves the save alike."""
+        if self.engine.round_steps is None:
+            return
+        if control.should_save and self.engine.ticks_in_round != 0:
+            control.should_save, self._save_pending = False, True
+            if self.engine.rank == 0:
+                logger.info("GASLoC: the checkpoint of step %d is taken at the end of the "
+                            "round, at step %d.", state.global_step, state.global_step
+                            + self.engine.round_steps - self.engine.ticks_in_round)
+        elif self._save_pending and self.engine.ticks_in_round == 0:
+            control.should_save, self._save_pending = True, False
 
     def _stop_for_lost_peers(self, args) -> None:
         """Trainer's logging, evaluation and saving need every rank: stop, for a restart."""
@@ -296,9 +324,7 @@ class GASLoCCallback(TrainerCallback):
         self._restore_own_parameters()
         self.engine.install_consensus()
         self.engine.detach()
-        if self._wrapped_step is not None:  # the Trainer and its optimizer as they were
-            del self.trainer.training_step, self._optimizer.step
-            self._wrapped_step = self._wrapped_training_step = None
+        self._unwrap_idle_steps()
         self._workers = self.engine.comm.all_gather_json(
             {"local_steps": self.engine.round_length,  # with auto:H, the last round's
              "inner_steps": self.engine.inner_step})

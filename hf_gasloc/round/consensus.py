@@ -24,8 +24,9 @@ class Consensus:
 
     def __init__(self, flat: FlatModel, comm: Comm, lost: LostPeers, spare_buffers: bool):
         self.flat, self.comm, self.lost = flat, comm, lost
-        # The work buffers are free between rounds; with delayed rounds an exchange may be in
-        # flight in them, so the average gets buffers of its own.
+        # The work buffers are free between rounds when each round is settled at its last
+        # step; when an exchange may be in flight in them (``spare_buffers``), the average
+        # gets buffers of its own.
         self._buffers = [torch.empty_like(w) for w in flat.works] if spare_buffers else None
 
     @property

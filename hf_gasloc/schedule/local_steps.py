@@ -1,7 +1,7 @@
 """``H_i``, the inner steps a worker takes per round: the setting and the policy that owns it.
 
 The setting ``local_steps`` is one number (every worker), one number per rank
-(``"30,30,30,15"``), or ``"auto:H"`` (adapted to the links, ``hf_gasloc/adaptive.py``).
+(``"30,30,30,15"``), or ``"auto:H"`` (adapted to the links, ``schedule/adaptive.py``).
 The engine always holds one policy, asks it ``current`` (``H_i`` of the round in
 progress), lets it observe step and transfer times, calls ``plan(peers)`` before
 each round, and saves its state with the engine's.

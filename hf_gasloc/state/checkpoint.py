@@ -131,8 +131,10 @@ def load_rank_state(checkpoint_dir: str | os.PathLike, rank: int,
             f"than {manifest_path(checkpoint_dir)} (run {manifest['run_id']}, step "
             f"{manifest['step']}); resume from a checkpoint whose files were saved together.")
     entry = manifest.get("files", {}).get(str(rank))  # last: the errors above say more
-    if entry is not None and (path.stat().st_size != entry["bytes"]
-                              or file_digest(path) != entry["sha256"]):
+    if entry is None:
+        raise CheckpointError(f"{manifest_path(checkpoint_dir)} lists no file for rank {rank}: "
+                              f"{path} cannot be verified; resume from an earlier checkpoint.")
+    if path.stat().st_size != entry["bytes"] or file_digest(path) != entry["sha256"]:
         raise CheckpointError(f"{path} is truncated or corrupt (its size or SHA-256 differs "
                               "from the manifest's); resume from an earlier checkpoint.")
     return state

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 
 import torch
@@ -39,9 +40,25 @@ class Header:
         flags = [values[1], *values[4 : 4 + world_size]]
         if any(flag not in (0.0, 1.0) for flag in flags):
             return "its header's flags are not 0 or 1"
-        if not (values[0] == int(values[0]) >= 0 and values[2] == int(values[2]) >= 0):
+        if not all(map(math.isfinite, values[:4])) or not (
+                values[0] == int(values[0]) >= 0 and values[2] == int(values[2]) >= 0):
             return "its header's round or size is not a whole number"
+        return _malformed_table(values[4 + world_size :], world_size)
+
+
+def _malformed_table(table: list[float], world_size: int) -> str | None:
+    """The adaptive ``H_i`` table (``schedule/adaptive.py``): link and step times (NaN: not
+    measured yet, else finite and >= 0), then the rounds they were measured in (-1: never)."""
+    if not table:
         return None
+    if len(table) != 3 * world_size:
+        return f"its header's table has {len(table)} values, not {3 * world_size}"
+    times, stamps = table[: 2 * world_size], table[2 * world_size :]
+    if any(t == t and not (math.isfinite(t) and t >= 0) for t in times):
+        return "its header's link or step times are negative or infinite"
+    if not all(math.isfinite(s) and s == int(s) and s >= -1 for s in stamps):  # -1: never
+        return "its header's table stamps are not whole numbers"
+    return None
 
 
 def layout_of(messages: list[torch.Tensor], encoding: str) -> tuple[float, float]:

@@ -157,3 +157,39 @@ def test_a_resume_uses_the_new_lr_momentum_and_h_and_refuses_another_outer_optim
     for error in run_workers(_resume_changed, 2, dict(outer_optimizer="sgd", outer_momentum=0)):
         assert "saved with outer_optimizer='nesterov' and this run has outer_optimizer='sgd'" \
             in error
+
+
+def _resume_with_outer_unset(rank, comm):
+    model = TinyNet()
+    inner = torch.optim.SGD(model.parameters(), lr=0.1)
+    # 200 steps of H = 20: 10 rounds, so the defaults average plainly.
+    engine = GASLoC(model, inner, comm=comm, topology="1peer", local_steps=20, total_steps=200)
+    chosen = engine.config.outer_optimizer
+    for step in range(21):
+        local_step(model, inner, rank, step)
+    state = engine.state_dict()
+    engine.detach()
+    # Resumed for 2000 steps: 100 rounds, where the rule alone would pick Nesterov.
+    fresh = GASLoC(TinyNet(), None, comm=comm, topology="1peer", local_steps=20,
+                   total_steps=2000)
+    resumed = GASLoC(model, None, comm=comm, topology="1peer", local_steps=20,
+                     total_steps=2000)
+    resumed.load_state_dict(state)
+    by_hand = GASLoC(model, None, comm=comm, topology="1peer", local_steps=20,
+                     total_steps=2000, outer_lr=0.3)
+    by_hand.load_state_dict(state)
+    return (chosen, fresh.config.outer_optimizer, resumed.config.to_dict(),
+            resumed.outer_choice.why, type(resumed.fragments[0].outer.optimizer).__name__,
+            resumed.fragments[0].outer.optimizer.param_groups[0]["momentum"],
+            by_hand.config.outer_lr, by_hand.changed_at_resume)
+
+
+def test_outer_settings_left_unset_continue_as_the_resumed_run_chose_them():
+    for chosen, fresh, config, why, kind, momentum, lr, changed in run_workers(
+            _resume_with_outer_unset, 2):
+        assert (chosen, fresh) == ("sgd", "nesterov")  # the rule differs between the two
+        assert (config["outer_optimizer"], config["outer_lr"], config["outer_momentum"]) == (
+            "sgd", 1.0, 0.0)
+        assert why.endswith("as the resumed run chose them")
+        assert (kind, momentum) == ("SGD", 0.0)
+        assert lr == 0.3 and changed == {"outer_lr": (1.0, 0.3)}  # a value set by hand wins

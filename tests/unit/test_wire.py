@@ -15,18 +15,29 @@ from ..workers import TinyNet, flat, local_step
 
 
 def test_a_header_round_trips_through_its_tensor_and_a_forged_one_is_malformed():
-    table = torch.tensor([0.5, 0.25, 3.0, 4.0], dtype=torch.float64)
+    nan = float("nan")  # links, step times (nan: not measured), the rounds they were measured in
+    table = torch.tensor([0.5, nan, 3.0, 4.0, 2.0, -1.0], dtype=torch.float64)
     layout = layout_of([torch.zeros(10), torch.zeros(3, dtype=torch.bfloat16)], "native")
     header = Header(12, False, layout, [False, True], table)
     back = Header.from_tensor(header.to_tensor(), world_size=2)
     assert (back.round_index, back.healthy, back.layout, back.lost) == (12, False, layout,
                                                                          [False, True])
-    assert layout[0] == 46 and torch.equal(back.table, table)
+    assert layout[0] == 46 and torch.equal(back.table.nan_to_num(), table.nan_to_num())
     assert Header.from_tensor(Header(3, True, layout, [False] * 3).to_tensor(), 3).table.numel() == 0
     assert Header.malformed(header.to_tensor(), 2) is None
     forged = header.to_tensor()
     forged[5] = 0.5
     assert "flags are not 0 or 1" in Header.malformed(forged, 2)
+    for position, value, why in ((0, float("inf"), "round or size"),
+                                 (2, float("nan"), "round or size"),
+                                 (6, float("inf"), "times are negative or infinite"),
+                                 (7, -2.0, "times are negative or infinite"),
+                                 (10, 1.5, "stamps are not whole numbers")):
+        forged = header.to_tensor()
+        forged[position] = value
+        assert why in Header.malformed(forged, 2), (position, value)
+    short = Header(12, False, layout, [False, True], table[:4]).to_tensor()
+    assert "table has 4 values, not 6" in Header.malformed(short, 2)
     assert layout != layout_of([torch.zeros(10), torch.zeros(3)], "native")
     assert layout != layout_of([torch.zeros(10), torch.zeros(3, dtype=torch.bfloat16)], "int8")
 
