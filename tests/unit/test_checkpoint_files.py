@@ -55,3 +55,14 @@ def test_a_write_that_fails_leaves_no_partial_file_and_names_the_path(tmp_path, 
                                               r"64 \(is the disk full\?\); nothing partial"):
         save_rank_state(tmp_path, 2, {})
     assert list((tmp_path / "gasloc").iterdir()) == []
+
+
+def test_a_manifest_without_a_ranks_entry_is_refused(tmp_path):
+    from hf_gasloc.state.checkpoint import load_rank_state, read_manifest
+
+    folder = _checkpoint(tmp_path, 4)
+    manifest = read_manifest(folder)
+    assert load_rank_state(folder, 1, manifest)["step"] == 4
+    del manifest["files"]["1"]
+    with pytest.raises(CheckpointError, match="lists no file for rank 1"):
+        load_rank_state(folder, 1, manifest)
