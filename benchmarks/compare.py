@@ -26,6 +26,7 @@ import torch
 from tqdm import tqdm
 
 from common import command, machine, spawn, table
+from hf_gasloc.round.outer_defaults import choose_outer
 from training import (
     ROOT,
     TINY_LLAMA,
@@ -108,6 +109,17 @@ def long_runs(workers: int) -> list[Run]:
             Run("GASLoC", "1peer", workers, 30)]
 
 
+def long_defaults(workers: int) -> list[Run]:
+    """The long budget with the outer step the default rule picks there (H = 30, about 100
+    rounds: Nesterov 0.7 / 0.5), beside plain averaging on the complete graph (accelerate's
+    LocalSGD, exactly)."""
+    chosen = choose_outer(None, None, None, 30, 97)
+    default = (chosen.optimizer, chosen.lr, chosen.momentum)
+    return [Run("LocalSGD", "complete", workers, 30, "sgd", 1.0),
+            Run("DiLoCo", "complete", workers, 30, *default),
+            Run("GASLoC", "2peer", workers, 30, *default)]
+
+
 def codecs(workers: int) -> list[Run]:
     """Every payload at H = 30 and at H = 1 (gentle outer) for DiLoCo and GASLoC 2peer, and for
     sparse graphs both things a payload can carry (docs/guide/settings.md#payloads-what-travels)."""
@@ -134,10 +146,11 @@ def overlap(workers: int) -> list[Run]:
 
 GRIDS = {"main": main_grid, "h_sweep": h_sweep, "outer": outer_grid,
          "lr_momentum": lr_momentum_grid, "h1_gentle": h1_gentle, "long": long_runs,
+         "long_defaults": long_defaults,
          "codecs": codecs, "overlap": overlap}
 # The sweeps run at the first worker count only; "main" runs at every count.
-SWEEPS_AT_FIRST_COUNT = ("h_sweep", "outer", "lr_momentum", "h1_gentle", "long", "codecs",
-                         "overlap")
+SWEEPS_AT_FIRST_COUNT = ("h_sweep", "outer", "lr_momentum", "h1_gentle", "long",
+                         "long_defaults", "codecs", "overlap")
 
 
 @dataclass(frozen=True)
