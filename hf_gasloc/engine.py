@@ -225,9 +225,12 @@ class GASLoC:
     def install_consensus(self) -> None:
         """Replace parameters and anchors on every rank by their average (collective).
 
-        Exchanges in flight land first; the round in progress is dropped; outer
-        optimizer state is kept.
+        Exchanges in flight land first; the round in progress is dropped, except in
+        lockstep, where every rank is at the same step and some may have posted theirs:
+        there the round ends now, short. Outer optimizer state is kept.
         """
+        if self.round_steps is not None and self.ticks_in_round:
+            self.outer_step()
         self._report(self.scheduler.finish_all())
         self.consensus.install()
         self.steps_in_round = self.ticks_in_round = 0

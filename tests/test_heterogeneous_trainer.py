@@ -85,3 +85,14 @@ def test_evaluation_and_a_checkpoint_inside_a_round_change_nothing(tmp_path):
     assert not (tmp_path / "a" / "checkpoint-6").exists()
     assert (tmp_path / "a" / "checkpoint-8/gasloc/manifest.json").exists()
     assert (tmp_path / "a" / "checkpoint-12/gasloc/manifest.json").exists()
+
+
+def test_a_run_that_ends_inside_a_round_lands_that_round_short_on_every_rank(tmp_path):
+    # 10 steps of rounds of 4: the last round ends at step 10, after rank 1 (H_i = 2) posted.
+    results = run_ranks(_train, 2, str(tmp_path), "4,2", None, None,
+                        dict(max_steps=10, eval_strategy="no", save_strategy="no"), init=False,
+                        timeout=600)
+    for r in results:
+        assert r["steps"] == 10 and r["rounds"] == 3
+        assert r["summary"]["gasloc_inner_steps_per_worker"] == [10, 6]
+    assert torch.equal(results[0]["params"][0], results[0]["params"][1])

@@ -177,12 +177,11 @@ class GASLoCCallback(TrainerCallback):
     def _idle_when_done(self, trainer: Trainer, optimizer) -> None:
         """Unequal ``H_i``: every rank takes the same Trainer steps (so logging, evaluation
         and the end meet on every rank, at any step; checkpoints, at the round's end), and a
-        round lasts ``H`` of
-        them, ``H`` the largest ``H_i``. A worker whose ``H_i`` steps of the round are done
-        skips the forward, backward and optimizer step of the rest of the round (the Trainer
-        still fetches their batches, which it leaves unused), and reports its last loss for
-        them. A step's time, for ``auto:H``, is its forward and backward alone: the waits of
-        the Trainer's own collectives are not this worker's speed."""
+        round lasts ``H`` of them, ``H`` the largest ``H_i``. A worker whose ``H_i`` steps of
+        the round are done skips the forward, backward and optimizer step of the rest of the
+        round (the Trainer still fetches their batches, which it leaves unused), and reports
+        its last loss for them. A step's time, for ``auto:H``, is its forward and backward
+        alone: the waits of the Trainer's own collectives are not this worker's speed."""
         engine, last = self.engine, {"compute": 0.0}
         self._wrapped_training_step, self._wrapped_step = trainer.training_step, optimizer.step
 
