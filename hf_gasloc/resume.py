@@ -70,12 +70,13 @@ def resume(checkpoint_dir: str | os.PathLike, engine: GASLoC, model: torch.nn.Mo
     """Restore this rank's GASLoC worker from ``checkpoint_dir`` (collective); says how. A
     checkpoint saved without GASLoC (plain DDP or one process) holds no GASLoC state: the
     workers start from its model (which the Trainer loaded) with a fresh outer state."""
-    found = engine.comm.all_gather_json(Path(checkpoint_dir).is_dir())
-    if not all(found):
-        raise CheckpointError(f"{checkpoint_dir} does not exist (on ranks "
-                              f"{[r for r, f in enumerate(found) if not f]}): check the path.")
-    plain = [not found for found in engine.comm.all_gather_json(
-        (Path(checkpoint_dir) / "gasloc").exists())]
+    seen = engine.comm.all_gather_json([Path(checkpoint_dir).is_dir(),
+                                        (Path(checkpoint_dir) / "gasloc").exists()])
+    missing = [rank for rank, (exists, _) in enumerate(seen) if not exists]
+    if missing:
+        raise CheckpointError(f"{checkpoint_dir} does not exist (on ranks {missing}): check "
+                              "the path.")
+    plain = [not has_gasloc for _, has_gasloc in seen]
     if any(plain) != all(plain):
         raise CheckpointError(f"{checkpoint_dir}/gasloc exists on some ranks and not on others "
                               f"(ranks without it: {[r for r, p in enumerate(plain) if p]}): "
