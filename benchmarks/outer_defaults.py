@@ -62,9 +62,9 @@ def steps_of(local_steps: int, budget: str) -> int:
 
 
 def cells() -> list[tuple[int, str, int, str]]:
-    """Every cell, cheapest first: 4 workers before 8, short before long, small H first."""
+    """Every cell, cheapest first (worker-steps), so that an interrupted grid has the most cells."""
     return sorted(itertools.product(LOCAL_STEPS, TOPOLOGIES, WORKERS, BUDGETS),
-                  key=lambda c: (c[2], c[3] == "long", steps_of(c[0], c[3]), c[1]))
+                  key=lambda c: (c[2] * steps_of(c[0], c[3]), c[2], c[1]))
 
 
 def default_point(local_steps: int, topology: str, budget: str) -> tuple[str, float, float]:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from .wire.codec import FORMS, PAYLOAD_HELP, PAYLOADS
+from .schedule.adaptive import Auto
 from .schedule.local_steps import (
     LOCAL_STEPS_HELP,
     LocalStepsSetting,
@@ -30,6 +31,7 @@ from .schedule.local_steps import (
 )
 from .round.outer import (
     OUTER_LR_HELP,
+    OUTER_OPTIMIZERS,
     OUTER_MOMENTUM_HELP,
     OUTER_OPTIMIZER_HELP,
     OuterOptimizer,
@@ -42,6 +44,7 @@ from .schedule.topology import NO_GOSSIP, TOPOLOGY_HELP, build_topology, check_t
 from .values import boolean, choice, integer, positive_float
 
 ENV_PREFIX = "ACCELERATE_GASLOC_"
+OUTER_SETTINGS = ("outer_optimizer", "outer_lr", "outer_momentum")
 MIN_PEER_TIMEOUT, SHORT_PEER_TIMEOUT = 1.0, 30.0
 _warned_variables: set[str] = set()
 logger = logging.getLogger(__name__)
@@ -103,6 +106,13 @@ class GASLoCConfig:
         "before going on without it and leaving it out of later rounds",
         float,
     )
+    worker_size: int | None = _setting(
+        1,
+        "processes per GASLoC worker: consecutive ranks form a worker (a node of 8 GPUs: 8) and "
+        "average their gradients every step (DDP inside the worker); GASLoC runs between "
+        "workers. 1: every process is a worker",
+        int,
+    )
     max_bad_rounds: int | None = _setting(
         3,
         "consecutive rounds a worker's proposal may be non-finite (NaN/inf), each recovered "
@@ -129,6 +139,7 @@ class GASLoCConfig:
             "payload_form": lambda v: choice("payload_form", v, FORMS),
             "outer_delay": lambda v: integer("outer_delay", v, minimum=0),
             "fragments": lambda v: integer("fragments", v, minimum=1),
+            "worker_size": lambda v: integer("worker_size", v, minimum=1),
             "peer_timeout": check_peer_timeout,
             "max_bad_rounds": lambda v: integer("max_bad_rounds", v, minimum=1),
             "gossip_weight": lambda v: None if v is None else positive_float(
@@ -137,8 +148,7 @@ class GASLoCConfig:
         for name, check in checks.items():
             with _naming_the_source(name, from_environment):
                 setattr(self, name, check(getattr(self, name)))
-        outer = ("outer_optimizer", "outer_lr", "outer_momentum")
-        with _naming_the_source(outer, from_environment):
+        with _naming_the_source(OUTER_SETTINGS, from_environment):
             self.outer_optimizer, self.outer_lr, self.outer_momentum = check_outer_settings(
                 self.outer_optimizer, self.outer_lr, self.outer_momentum)
 
@@ -165,17 +175,50 @@ class GASLoCConfig:
         return dataclasses.replace(self, outer_optimizer=choice.optimizer, outer_lr=choice.lr,
                                    outer_momentum=choice.momentum), choice
 
+    def with_saved_outer_settings(self, saved: dict[str, Any], unset: list[str]
+                                  ) -> tuple["GASLoCConfig", OuterChoice] | None:
+        """A copy whose outer settings named in ``unset`` (left unset by the user) take the values
+        a resumed run saved: the rule's choice depends on ``H`` and the number of rounds, which a
+        resume may change. ``None`` when that changes nothing, or the saved run was given a
+        ``torch.optim`` object (not rebuilt from a name)."""
+        kept = {name: saved[name] for name in unset if name in saved}
+        if (kept.get("outer_optimizer", "sgd") not in OUTER_OPTIMIZERS
+                or all(getattr(self, name) == value for name, value in kept.items())):
+            return None
+        config = dataclasses.replace(self, **kept)
+        return config, OuterChoice(
+            config.outer_optimizer, config.outer_lr, config.outer_momentum,
+            f"outer_optimizer {config.outer_optimizer}, outer_lr {config.outer_lr}, "
+            f"outer_momentum {config.outer_momentum}: as the resumed run chose them")
+
     def local_steps_for(self, rank: int, world_size: int) -> int:
         """``H_i`` of ``rank`` (the target for ``auto``); a per-rank list needs one value per rank."""
         return steps_for_rank(self.local_steps, rank, world_size)
 
     def check_world(self, world_size: int) -> None:
-        """What can be checked once the number of workers is known, before any model or data
-        is loaded: the graph (a static graph's ranks, ``gossip_weight`` against its degree) and
-        a per-rank ``local_steps`` list."""
+        """What can be checked once the number of processes is known, before any model or data
+        is loaded: that they split into workers of ``worker_size``, the graph over the workers
+        (a static graph's ranks, ``gossip_weight`` against its degree) and a per-worker
+        ``local_steps`` list."""
         if self.enabled:  # the first graphs, with their weights
-            build_topology(self.topology, world_size, self.seed, self.gossip_weight).fingerprint()
-            steps_for_rank(self.local_steps, 0, world_size)
+            workers = self.workers(world_size)
+            build_topology(self.topology, workers, self.seed, self.gossip_weight).fingerprint()
+            steps_for_rank(self.local_steps, 0, workers)
+
+    def workers(self, world_size: int) -> int:
+        """The number of GASLoC workers ``world_size`` processes form (``worker_size`` each)."""
+        size = self.worker_size
+        if world_size % size or world_size // size < 2:
+            raise ValueError(
+                f"worker_size={size} (--gasloc_worker_size): {world_size} processes do not form "
+                f"at least 2 workers of {size} processes; launch a multiple of {size} processes, "
+                "at least twice as many, or change worker_size.")
+        if size > 1 and isinstance(self.local_steps, Auto):
+            raise ValueError(
+                f"local_steps={describe_local_steps(self.local_steps)} with worker_size={size}: "
+                "adaptive H_i is measured by each process, and the processes of a worker must "
+                "take the same steps; give a fixed local_steps (one number, or one per worker).")
+        return world_size // size
 
     def check_model(self, model: Any) -> None:
         """What needs the model: that it splits into ``fragments`` (before any evaluation)."""

@@ -16,7 +16,7 @@ from typing import Any
 
 from .config import GASLoCConfig
 from .errors import RunMismatchError
-from .fabric import Comm
+from .fabric import Comm, WorkerGroups
 from .schedule.graphs import Topology
 from .state.flat import FlatModel
 
@@ -37,8 +37,10 @@ def agreement(config: GASLoCConfig, topology: Topology, flat: FlatModel) -> dict
     return settings
 
 
-def check_ranks_agree(values: dict[str, Any], comm: Comm, what: str = "GASLoC settings") -> None:
-    """Gather ``values`` from every rank and raise one error naming each one that differs."""
+def check_ranks_agree(values: dict[str, Any], comm: Comm | WorkerGroups,
+                      what: str = "GASLoC settings") -> None:
+    """Gather ``values`` from every rank (of the worker's process group, or with worker groups,
+    of the whole run) and raise one error naming each one that differs."""
     gathered = comm.all_gather_json(values)
     problems = []
     for key in values:

@@ -34,10 +34,28 @@ logger = logging.getLogger(__name__)
 
 def save(checkpoint_dir: str | os.PathLike, engine: GASLoC, model: torch.nn.Module,
          optimizer: torch.optim.Optimizer, step: int) -> Path:
-    """Every rank writes its model, inner optimizer and GASLoC state; then, once all files are
-    written, rank 0 writes the manifest that names them (collective). A rank that cannot write
-    (a full disk) makes every rank raise one error naming it; the checkpoint then stays
-    incomplete and the previous complete one is what a restart resumes from."""
+    """Every worker writes its model, inner optimizer and GASLoC state; then, once all files are
+    written, worker 0 writes the manifest that names them (collective). A worker that cannot
+    write (a full disk) makes every process raise one error naming it; the checkpoint then
+    stays incomplete and the previous complete one is what a restart resumes from. The
+    processes of a worker of several hold the same state: the first one writes it."""
+    groups = engine.groups
+    if groups is None:
+        return _save_worker(checkpoint_dir, engine, model, optimizer, step)
+    failure = None
+    if groups.position == 0:
+        try:
+            _save_worker(checkpoint_dir, engine, model, optimizer, step)
+        except CheckpointError as error:
+            failure = str(error)
+    failure = groups.first_position(failure)
+    if failure:
+        raise CheckpointError(failure)
+    return manifest_path(checkpoint_dir)
+
+
+def _save_worker(checkpoint_dir: str | os.PathLike, engine: GASLoC, model: torch.nn.Module,
+                 optimizer: torch.optim.Optimizer, step: int) -> Path:
     try:
         written, failure = save_rank_state(checkpoint_dir, engine.rank, {
             "run_id": engine.run_id, "step": step, "model": model.state_dict(),
@@ -82,7 +100,7 @@ def resume(checkpoint_dir: str | os.PathLike, engine: GASLoC, model: torch.nn.Mo
                               f"(ranks without it: {[r for r, p in enumerate(plain) if p]}): "
                               "every rank must see the same checkpoint folder.")
     if all(plain):
-        if engine.rank == 0:
+        if engine.speaks:
             logger.warning("GASLoC: %s holds no GASLoC state (it was saved without GASLoC): the "
                            "workers start from its model, with a fresh outer state at round 0.",
                            checkpoint_dir)
@@ -113,7 +131,7 @@ def resume(checkpoint_dir: str | os.PathLike, engine: GASLoC, model: torch.nn.Mo
         how = "its own state"
     else:
         how = _resize(engine, model, optimizer, manifest, own, template)
-    if engine.changed_at_resume and engine.rank == 0:
+    if engine.changed_at_resume and engine.speaks:
         logger.warning("GASLoC resumes from %s with settings changed since it was saved, and uses "
                        "the new ones: %s.", checkpoint_dir, ", ".join(
                            f"{name} {saved!r} -> {used!r}"

@@ -91,7 +91,7 @@ def _in_flight_resume(rank, world_size, folder):
         while engine.inner_step < steps:
             local_step(model, inner, rank, engine.inner_step)
             if engine.inner_step == 2 * H + 1 and not resume:  # round 1 is in flight
-                in_flight = len(engine.scheduler.in_flight)
+                in_flight = len(engine.rounds.scheduler.in_flight)
                 save_training(model, inner, engine, checkpoint)
         return flat(model), in_flight, engine.totals.rounds
     uninterrupted, in_flight, rounds = run(6 * H)

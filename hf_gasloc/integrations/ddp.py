@@ -1,10 +1,16 @@
-"""Keep DistributedDataParallel from communicating: GASLoC workers train alone between rounds.
+"""Keep DistributedDataParallel from communicating between workers: they train alone between
+rounds.
 
 ``no_sync()`` only covers the steps run inside it. Instead a forward pre-hook on
 the DDP wrapper turns off, before every forward, both the gradient All-Reduce
 (``require_backward_grad_sync``) and the buffer broadcast
 (``require_forward_param_sync``). ``no_sync()`` restores the value it found,
 which is already ``False``, so Trainer's per-micro-batch ``no_sync`` keeps it off.
+
+A worker of several processes (``worker_size > 1``) keeps its gradient
+All-Reduce, over its own processes only: a DDP communication hook averages each
+bucket on the worker's group; only the buffer broadcast (over every process) is
+turned off.
 """
 
 from __future__ import annotations
@@ -12,6 +18,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.distributed as dist
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.hooks import RemovableHandle
 
@@ -23,8 +31,15 @@ def _stop_sync(ddp: DistributedDataParallel, *_: Any) -> None:
     ddp.require_forward_param_sync = False
 
 
-def disable_gradient_sync(model: torch.nn.Module) -> RemovableHandle | None:
-    """Stop DDP's gradient All-Reduce and buffer broadcast on every step from now on.
+def _stop_buffer_sync(ddp: DistributedDataParallel, *_: Any) -> None:
+    ddp.require_forward_param_sync = False
+
+
+def disable_gradient_sync(model: torch.nn.Module, inside: dist.ProcessGroup | None = None
+                          ) -> RemovableHandle | None:
+    """Stop DDP's gradient All-Reduce and buffer broadcast on every step from now on; with
+    ``inside`` (the group of a worker of several processes), average gradients over that
+    group only.
 
     Returns the hook's handle (``None`` if ``model`` is not DDP-wrapped or is
     already handled). Sharded wrappers cannot run GASLoC and are refused.
@@ -32,8 +47,11 @@ def disable_gradient_sync(model: torch.nn.Module) -> RemovableHandle | None:
     _refuse_sharded(model)
     if not isinstance(model, DistributedDataParallel) or getattr(model, _HOOK_FLAG, False):
         return None
-    _stop_sync(model)
-    handle = model.register_forward_pre_hook(_stop_sync)
+    stop = _stop_sync if inside is None else _stop_buffer_sync
+    if inside is not None:
+        model.register_comm_hook(inside, allreduce_hook)
+    stop(model)
+    handle = model.register_forward_pre_hook(stop)
     setattr(model, _HOOK_FLAG, True)
     return handle
 

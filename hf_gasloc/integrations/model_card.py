@@ -22,10 +22,13 @@ def card_section(summary: dict[str, Any]) -> str:
         steps += f" ({metrics['inner_steps_unfinished']} of them after the last round)"
     if "gasloc_inner_steps_per_worker" in summary:  # every worker's own, by rank
         steps = ", ".join(map(str, summary["gasloc_inner_steps_per_worker"]))
-    rows = [("workers", summary["gasloc_workers"]), *summary["gasloc_config"].items(),
+    per_worker = summary["gasloc_config"].get("worker_size", 1)  # its processes each send
+    rows = [("workers", summary["gasloc_workers"]),
+            ("processes", summary.get("gasloc_world_size", summary["gasloc_workers"])),
+            *summary["gasloc_config"].items(),
             ("outer settings", summary["gasloc_outer_defaults"]),
             ("rounds", metrics.get("rounds", 0)),
-            ("bytes sent per worker", f"{metrics.get('bytes_sent_total', 0):,}"),
+            ("bytes sent per worker", f"{metrics.get('bytes_sent_total', 0) * per_worker:,}"),
             *([("H_i per worker", ", ".join(map(str, summary["gasloc_local_steps_per_worker"])))]
               if "gasloc_local_steps_per_worker" in summary else []),
             ("inner steps per worker", steps),

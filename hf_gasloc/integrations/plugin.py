@@ -31,7 +31,7 @@ class GASLoCPlugin(GASLoCConfig):
 
     def attach(self, accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                total_steps: int | None = None) -> GASLoC:
-        """Disable DDP's gradient All-Reduce for every step and hook GASLoC on ``optimizer``.
+        """Disable DDP's gradient All-Reduce between workers and hook GASLoC on ``optimizer``.
 
         Call it on every rank after ``accelerator.prepare``; ``total_steps``, the optimizer
         steps the loop will take, lets unset outer settings fit the number of rounds. Returns
@@ -50,5 +50,7 @@ class GASLoCPlugin(GASLoCConfig):
                 "--num_processes N` (on CPU too; `--cpu --num_processes N` starts one process) "
                 "or torchrun --nproc_per_node N."
             )
-        disable_gradient_sync(model)
-        return GASLoC(accelerator.unwrap_model(model), optimizer, self, total_steps=total_steps)
+        self.check_world(accelerator.num_processes)
+        engine = GASLoC(accelerator.unwrap_model(model), optimizer, self, total_steps=total_steps)
+        disable_gradient_sync(model, None if engine.groups is None else engine.groups.inside)
+        return engine

@@ -156,15 +156,16 @@ class GASLoCCallback(TrainerCallback):
                 f"GASLoC cannot turn off gradient synchronisation in {type(wrapped).__name__}; "
                 "it supports models wrapped in DistributedDataParallel (the Trainer's default)."
             )
-        disable_gradient_sync(wrapped)
         self._stop_step_collectives(trainer)
         self._run_before_reporters(trainer)
         self._model, self._optimizer = model, optimizer
         lockstep = lockstep_steps(self.plugin)
         self.engine = GASLoC(model, optimizer, self.plugin, total_steps=state.max_steps,
                              round_steps=lockstep)
-        check_ranks_agree(trainer_arguments_to_agree_on(args, state), self.engine.comm,
-                          "Trainer arguments")
+        groups = self.engine.groups
+        disable_gradient_sync(wrapped, None if groups is None else groups.inside)
+        check_ranks_agree(trainer_arguments_to_agree_on(args, state),
+                          self.engine.groups or self.engine.comm, "Trainer arguments")
         if lockstep is not None:
             self._idle_when_done(trainer, optimizer)
         # Trainer's own collectives (logging gathers, evaluation, saving) get the same deadline.
@@ -260,9 +261,10 @@ class GASLoCCallback(TrainerCallback):
             return
         self._save_at_round_end(state, control)
         if control.should_log or control.should_evaluate or control.should_save:
-            engine = self.engine
-            engine.lost.call_roll(engine.comm, f"the check before step {state.global_step}'s "
-                                  "collectives")
+            engine, when = self.engine, f"the check before step {state.global_step}'s collectives"
+            engine.lost.call_roll(engine.comm, when)
+            if engine.groups is not None:  # the processes of a worker stop together, or none
+                engine.groups.agree_on_peers({}, engine.lost, when)
         if self.engine.lost_peers:
             self._stop_for_lost_peers(args)
         if control.should_save:  # a checkpoint never holds a non-finite value
@@ -275,15 +277,16 @@ class GASLoCCallback(TrainerCallback):
         Inside a round a worker's exchange may wait for a peer that posts at its own later
         step, so saving it there would wait forever; every rank counts the same steps, so
         every rank moves the save alike."""
-        if self.engine.round_steps is None:
+        position = self.engine.position
+        if not position.lockstep:
             return
-        if control.should_save and self.engine.ticks_in_round != 0:
+        if control.should_save and position.ticks_in_round != 0:
             control.should_save, self._save_pending = False, True
-            if self.engine.rank == 0:
+            if self.engine.speaks:
                 logger.info("GASLoC: the checkpoint of step %d is taken at the end of the "
                             "round, at step %d.", state.global_step, state.global_step
-                            + self.engine.round_steps - self.engine.ticks_in_round)
-        elif self._save_pending and self.engine.ticks_in_round == 0:
+                            + position.round_steps - position.ticks_in_round)
+        elif self._save_pending and position.ticks_in_round == 0:
             control.should_save, self._save_pending = True, False
 
     def _stop_for_lost_peers(self, args) -> None:
@@ -346,7 +349,9 @@ class GASLoCCallback(TrainerCallback):
         engine = self.engine
         summary = {"gasloc_config": engine.config.to_dict(),
                    "gasloc_outer_defaults": engine.outer_choice.why,
-                   "gasloc_workers": engine.world_size, **engine.metrics()}
+                   "gasloc_workers": engine.world_size,
+                   "gasloc_world_size": engine.world_size * engine.config.worker_size,
+                   **engine.metrics()}
         if self._workers:  # at the end of training: every worker's own H_i and inner steps
             summary["gasloc_local_steps_per_worker"] = [w["local_steps"] for w in self._workers]
             summary["gasloc_inner_steps_per_worker"] = [w["inner_steps"] for w in self._workers]

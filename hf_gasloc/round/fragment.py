@@ -29,14 +29,14 @@ from typing import Any, Callable
 import torch
 
 from ..config import GASLoCConfig
-from ..fabric import Comm, LostPeers
+from ..fabric import Comm, LostPeers, WorkerGroups
 from ..schedule.graphs import RoundGraph
 from ..schedule.local_steps import LocalStepsPolicy
 from ..state.flat import FlatModel, views_of
 from ..wire import ExchangeStats, GossipExchange, InTransit, make_wire
 from .consensus import consensus_spread
 from .health import Health, squared_norm
-from .outer import OuterRule
+from .outer import OuterRule, build_outer_rule
 
 TINY = torch.finfo(torch.float32).tiny
 
@@ -84,15 +84,17 @@ class Worker:
     health: Health
     lost: LostPeers
     local_steps: LocalStepsPolicy
+    groups: WorkerGroups | None = None  # a worker of several processes
 
 
 class Fragment:
     """One slice of the model through its rounds; owns its anchors, outer rule, wire and the
     snapshot a delayed round keeps."""
 
-    def __init__(self, flat: FlatModel, outer: OuterRule, worker: Worker, config: GASLoCConfig,
-                 synchronous: bool, channel: int = 0):
-        self.flat, self.outer, self.worker = flat, outer, worker
+    def __init__(self, flat: FlatModel, worker: Worker, config: GASLoCConfig, synchronous: bool,
+                 channel: int = 0):
+        self.flat, self.worker = flat, worker
+        self.outer: OuterRule = self.outer_rule(config)
         device = worker.comm.staging_device(flat.device)
         self.wire = make_wire(flat, device, config.payload, config.payload_form, synchronous)
         self.exchange = GossipExchange(self.wire, worker.comm, device, channel)
@@ -103,6 +105,11 @@ class Fragment:
         self.snapshot_views = (None if self.snapshots is None else
                                [views_of(s, g.params) for s, g in zip(self.snapshots, flat.groups)])
         self.posted: Posted | None = None  # the round in flight
+
+    def outer_rule(self, config: GASLoCConfig) -> OuterRule:
+        """A fresh outer rule with ``config``'s outer settings, stepping this fragment's anchors."""
+        return build_outer_rule(config.outer_optimizer, config.outer_lr, config.outer_momentum,
+                                self.flat.anchors)
 
     # ------------------------------------------------------------------ start
     @torch.no_grad()
@@ -203,6 +210,9 @@ class Fragment:
                 worker.local_steps.merge(header.table)
             if header.healthy:
                 weights[peer] = posted.peers[peer]
+        if worker.groups is not None:  # the processes of a worker decide alike
+            weights = worker.groups.agree_on_peers(weights, worker.lost,
+                                                   f"round {posted.plan.index}")
         worker.lost.check_not_isolated()
         return arrived.stats, weights
 

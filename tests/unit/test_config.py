@@ -116,3 +116,18 @@ def test_what_needs_the_world_size_or_the_model_is_checked_before_any_work():
     with pytest.raises(ValueError, match="fragments=3 but the model has 2 layers"):
         GASLoCConfig(fragments=3).check_model(model)
     GASLoCConfig(topology="none", fragments=3).check_model(model)  # plain DDP: not GASLoC's
+
+
+def test_workers_of_several_processes_must_fit_the_world_and_take_fixed_steps():
+    assert GASLoCConfig(worker_size=4).workers(8) == 2
+    GASLoCConfig(worker_size=2, local_steps="3,6").check_world(4)  # one H_i per worker
+    with pytest.raises(ValueError, match=r"worker_size=4 \(--gasloc_worker_size\): 6 processes"):
+        GASLoCConfig(worker_size=4).workers(6)
+    with pytest.raises(ValueError, match="do not form at least 2 workers of 2"):
+        GASLoCConfig(worker_size=2).check_world(2)
+    with pytest.raises(ValueError, match="local_steps lists 4 values .* but world_size is 2"):
+        GASLoCConfig(worker_size=2, local_steps="3,3,3,3").check_world(4)
+    with pytest.raises(ValueError, match="give a fixed local_steps"):
+        GASLoCConfig(worker_size=2, local_steps="auto:10").check_world(4)
+    with pytest.raises(ValueError, match="worker_size"):
+        GASLoCConfig(worker_size=0)

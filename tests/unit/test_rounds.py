@@ -55,7 +55,7 @@ def _delayed(rank, comm):
     seen = []
     for step in range(3):  # the round starts at step 2 and lands at step 3
         local_step(model, inner, rank, step)
-        seen.append((flat(model), len(engine.scheduler.in_flight)))
+        seen.append((flat(model), len(engine.rounds.scheduler.in_flight)))
     return seen
 
 

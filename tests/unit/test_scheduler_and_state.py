@@ -23,7 +23,7 @@ def _timeline(rank, comm, local_steps, fragments, delay, rounds):
     timeline = []
     while engine.round < rounds:
         local_step(model, inner, rank, engine.inner_step)
-        timeline.append(sorted((f.fragment, f.finish_at) for f in engine.scheduler.in_flight))
+        timeline.append(sorted((f.fragment, f.finish_at) for f in engine.rounds.scheduler.in_flight))
     return timeline, engine.totals.rounds, engine.totals.bytes_sent
 
 
