@@ -97,6 +97,7 @@ SMOKE_TEST = dict(
     report_to="none",
     dataloader_num_workers=0,
     gasloc_local_steps="2",
+    gasloc_worker_size=1,  # one process per worker: the smoke test runs on 2 processes
 )
 
 

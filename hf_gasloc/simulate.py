@@ -22,6 +22,12 @@ local steps.
   so the round takes ``R(r) = max_i (H_i(r) t + x_i(r))`` and
   ``U = sum_r sum_i H_i(r) t / (n sum_r R(r))`` over ``--rounds`` rounds.
   With ``--fixed`` every ``H_i = H`` instead.
+- **Workers of several processes** (``--worker_size S``, a node per worker): every
+  step of every method adds the gradient All-Reduce inside the worker, over its
+  fast link ``B_in`` (``--inside_gbps``): ``t_S = t + 2 (S-1)/S * M / B_in + 2 (S-1) L``.
+  DDP's All-Reduce between workers is hierarchical (one model per worker over the
+  slow link). DiLoCo and GASLoC exchange one whole model per process, as
+  ``hf_gasloc`` does today: a worker sends ``S M`` per message over its link.
 
 Assumptions: compute and communication do not overlap; links are full duplex;
 all workers compute equally fast (stragglers are slow links only); rounds stay in
@@ -32,6 +38,7 @@ bandwidth-optimal ring; memory traffic and the outer optimizer cost nothing.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from dataclasses import dataclass
 
 from .schedule.adaptive import adapted_steps
@@ -50,6 +57,8 @@ class Cluster:
     latency: float = 0.0
     local_steps: int = 30
     bytes_per_param: float = 2.0
+    worker_size: int = 1  # processes per worker
+    inside_bandwidth: float = float("inf")  # bytes per second inside a worker
 
     @property
     def workers(self) -> int:
@@ -59,26 +68,42 @@ class Cluster:
     def message(self) -> float:
         return self.params * self.bytes_per_param
 
+    @property
+    def sent(self) -> float:
+        """What a worker sends per message of the outer step: a whole model per process."""
+        return self.worker_size * self.message
 
-def all_reduce_seconds(cluster: Cluster) -> float:
+    @property
+    def step(self) -> float:
+        """An inner step: compute, then the gradient All-Reduce inside the worker."""
+        s = self.worker_size
+        if s == 1:
+            return self.step_time
+        return (self.step_time + 2 * (s - 1) / s * self.message / self.inside_bandwidth
+                + 2 * (s - 1) * self.latency)
+
+
+def all_reduce_seconds(cluster: Cluster, size: float) -> float:
+    """A ring All-Reduce of ``size`` bytes per worker between the workers."""
     n = cluster.workers
-    return 2 * (n - 1) / n * cluster.message / min(cluster.bandwidths) + 2 * (n - 1) * cluster.latency
+    return 2 * (n - 1) / n * size / min(cluster.bandwidths) + 2 * (n - 1) * cluster.latency
 
 
 def ddp(cluster: Cluster) -> float:
-    return cluster.step_time / (cluster.step_time + all_reduce_seconds(cluster))
+    return cluster.step_time / (cluster.step + all_reduce_seconds(cluster, cluster.message))
 
 
 def diloco(cluster: Cluster) -> float:
     compute = cluster.local_steps * cluster.step_time
-    return compute / (compute + all_reduce_seconds(cluster))
+    return compute / (cluster.local_steps * cluster.step
+                      + all_reduce_seconds(cluster, cluster.sent))
 
 
 def gasloc(cluster: Cluster, topology: str = "1peer", rounds: int = 256, seed: int = 0,
            adaptive: bool = True) -> float:
     """Utilization of GASLoC ``1peer`` / ``2peer`` averaged over ``rounds`` random graphs."""
     k = {"1peer": 1, "2peer": 2}[topology]
-    part = [k * cluster.message / b for b in cluster.bandwidths]
+    part = [k * cluster.sent / b for b in cluster.bandwidths]
     fastest = min(part) + cluster.latency
     graphs = build_topology(topology, cluster.workers, seed)
     computed, elapsed = 0.0, 0.0
@@ -86,22 +111,21 @@ def gasloc(cluster: Cluster, topology: str = "1peer", rounds: int = 256, seed: i
         peers = graphs.graph(r).peers
         exchange = [max([part[i]] + [part[j] for j in peers[i]]) + cluster.latency
                     if peers[i] else 0.0 for i in range(cluster.workers)]
-        steps = [adapted_steps(cluster.local_steps, x - fastest, cluster.step_time) if adaptive
+        steps = [adapted_steps(cluster.local_steps, x - fastest, cluster.step) if adaptive
                  else cluster.local_steps for x in exchange]
-        elapsed += max(h * cluster.step_time + x for h, x in zip(steps, exchange))
+        elapsed += max(h * cluster.step + x for h, x in zip(steps, exchange))
         computed += sum(steps) * cluster.step_time / cluster.workers
     return computed / elapsed
 
 
 def utilizations(cluster: Cluster) -> dict[str, float]:
-    return {
-        "DDP": ddp(cluster),
-        "DiLoCo": diloco(cluster),
-        "GASLoC 1-peer, fixed H": gasloc(cluster, "1peer", adaptive=False),
-        "GASLoC 1-peer, adaptive H_i": gasloc(cluster, "1peer"),
-        "GASLoC 2-peer, fixed H": gasloc(cluster, "2peer", adaptive=False),
-        "GASLoC 2-peer, adaptive H_i": gasloc(cluster, "2peer"),
-    }
+    """Every method's utilization (adaptive ``H_i`` needs workers of one process)."""
+    found = {"DDP": ddp(cluster), "DiLoCo": diloco(cluster)}
+    for topology, name in (("1peer", "1-peer"), ("2peer", "2-peer")):
+        found[f"GASLoC {name}, fixed H"] = gasloc(cluster, topology, adaptive=False)
+        if cluster.worker_size == 1:
+            found[f"GASLoC {name}, adaptive H_i"] = gasloc(cluster, topology)
+    return found
 
 
 def with_stragglers(
@@ -123,8 +147,8 @@ def plot(path: str, base: Cluster, straggler: float, low: float = 0.1, high: flo
     speeds = [low * (high / low) ** (i / (points - 1)) for i in range(points)]
     curves: dict[str, list[float]] = {}
     for speed in speeds:
-        cluster = Cluster(base.params, base.step_time, with_stragglers(speed, base.workers, straggler),
-                          base.latency, base.local_steps, base.bytes_per_param)
+        cluster = dataclasses.replace(
+            base, bandwidths=with_stragglers(speed, base.workers, straggler))
         for name, value in utilizations(cluster).items():
             curves.setdefault(name, []).append(value)
     figure, ax = plt.subplots(figsize=(7, 4.5))
@@ -154,6 +178,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--bandwidths_gbps", help="every worker's bandwidth, e.g. 10,10,10,2 (overrides)")
     parser.add_argument("--latency_ms", type=float, default=1.0)
     parser.add_argument("--local_steps", type=int, default=30)
+    parser.add_argument("--worker_size", type=int, default=1,
+                        help="processes per worker (a node); the bandwidths are the workers'")
+    parser.add_argument("--inside_gbps", type=float, default=400.0,
+                        help="bandwidth between the processes of a worker (NVLink, InfiniBand)")
     parser.add_argument("--plot", help="also write the utilization-vs-bandwidth figure to this PNG")
     args = parser.parse_args(argv)
     if args.bandwidths_gbps:
@@ -162,10 +190,14 @@ def main(argv: list[str] | None = None) -> None:
         bandwidths = with_stragglers(args.bandwidth_gbps, args.workers, args.straggler, args.stragglers)
     if len(bandwidths) < 2 or min(bandwidths) <= 0 or args.step_time <= 0 or args.local_steps < 1:
         parser.error("need at least 2 workers, positive bandwidths and step time, and local_steps >= 1")
+    if args.worker_size < 1 or args.inside_gbps <= 0:
+        parser.error("--worker_size must be >= 1 and --inside_gbps > 0")
     cluster = Cluster(args.params, args.step_time, bandwidths, args.latency_ms / 1e3,
-                      args.local_steps, args.bytes_per_param)
-    print(f"{cluster.workers} workers, {args.params / 1e9:g}B params, step {args.step_time}s, "
-          f"H={args.local_steps}, bandwidths (Gbit/s) {[round(b / GBIT, 3) for b in bandwidths]}")
+                      args.local_steps, args.bytes_per_param, args.worker_size,
+                      args.inside_gbps * GBIT)
+    print(f"{cluster.workers} workers of {cluster.worker_size} processes, {args.params / 1e9:g}B "
+          f"params, step {args.step_time}s, H={args.local_steps}, bandwidths (Gbit/s) "
+          f"{[round(b / GBIT, 3) for b in bandwidths]}")
     for name, value in utilizations(cluster).items():
         print(f"  {name:<28} {value:6.1%}")
     if args.plot:

@@ -1,5 +1,7 @@
-"""Workers of several processes (``worker_size``), on 4 real gloo ranks = 2 workers x 2: DDP
-inside a worker, GASLoC between workers."""
+"""Workers of several processes (``worker_size``), on real gloo ranks (2 or 3 workers of 2
+processes): DDP inside a worker, GASLoC between workers."""
+
+import time
 
 import pytest
 import torch
@@ -184,3 +186,63 @@ def test_the_plugin_runs_two_workers_of_two_processes():
         assert torch.equal(mid_round[0], mid_round[1]) and torch.equal(mid_round[2], mid_round[3])
         assert not torch.equal(mid_round[0], mid_round[2])
         assert all(torch.allclose(after[0], p, atol=1e-6) for p in after[1:])  # 1peer on 2
+
+
+def _one_process_late(rank, world_size):
+    model = TinyNet()
+    ddp = DistributedDataParallel(model)
+    inner = torch.optim.SGD(model.parameters(), lr=0.05)
+    engine = GASLoC(model, inner, topology="ring", local_steps=2, peer_timeout=3,
+                    worker_size=SIZE, outer_optimizer="sgd", outer_lr=1.0)
+    disable_gradient_sync(ddp, engine.groups.inside)
+    step = 0
+    while engine.round < 8:
+        _loss(ddp, rank, step).backward()
+        if rank == 5 and engine.round == 2 and engine.steps_in_round == 1:
+            time.sleep(12)  # after the worker's All-Reduce: only this process posts late
+        inner.step()
+        inner.zero_grad()
+        step += 1
+    return dict(lost=engine.lost_peers, params=flat(model),
+                finite=bool(torch.isfinite(flat(model)).all()))
+
+
+def test_a_peer_one_process_missed_is_missed_and_lost_by_every_process_of_the_worker():
+    """Round 2: worker 2's first process posts in time, its second 12 s late. The first
+    processes of workers 0 and 1 receive worker 2's message, the second ones time out on it;
+    each worker agrees to leave worker 2 out and lose it, so its processes stay identical."""
+    results = run_ranks(_one_process_late, 6, abandon=(4, 5), timeout=300)
+    for r in results[:4]:
+        assert r["finite"] and r["lost"] == [2]
+    assert torch.equal(results[0]["params"], results[1]["params"])
+    assert torch.equal(results[2]["params"], results[3]["params"])
+
+
+def _save_or_resume(rank, world_size, folder, resuming):
+    from hf_gasloc.resume import resume, save
+
+    model = TinyNet()
+    ddp = DistributedDataParallel(model)
+    inner = torch.optim.SGD(model.parameters(), lr=0.05)
+    engine = GASLoC(model, inner, topology="1peer", local_steps=H, worker_size=SIZE,
+                    outer_optimizer="nesterov", outer_lr=0.7, outer_momentum=0.5)
+    disable_gradient_sync(ddp, engine.groups.inside)
+    if resuming:
+        how = resume(folder, engine, model, inner, step=2 * H)
+        return dict(how=how, round=engine.round, params=flat(model))
+    for step in range(2 * H):
+        _loss(ddp, rank, step).backward()
+        inner.step()
+        inner.zero_grad()
+    save(folder, engine, model, inner, step=2 * H)
+    return dict(params=flat(model))
+
+
+def test_a_run_of_three_workers_resumes_on_two_whole_workers(tmp_path):
+    saved = run_ranks(_save_or_resume, 6, str(tmp_path), False)
+    assert sorted(p.name for p in (tmp_path / "gasloc").iterdir()) == [
+        "manifest.json", "rank0.pt", "rank1.pt", "rank2.pt"]
+    resumed = run_ranks(_save_or_resume, 4, str(tmp_path), True)
+    for rank, r in enumerate(resumed):  # each process takes its worker's own state
+        assert r["round"] == 2 and "resized from 3 workers" in r["how"]
+        assert torch.equal(r["params"], saved[rank]["params"])

@@ -141,23 +141,31 @@ class Comm(PointToPoint):
         for tensor in tensors:
             tensor.div_(self.world_size)
 
-    def bound_group_timeout(self) -> timedelta | None:
-        """Lower the caller's group timeout to ``peer_timeout`` (if it is longer): a rank that
-        stalls inside someone else's collective then ends the run within that bound.
 
-        Returns the timeout it replaced (for ``set_group_timeout``), or ``None``.
-        """
-        group = self.group or dist.distributed_c10d._get_default_group()
-        backend = group._get_backend(self.staging_device(torch.device("cpu")))
-        previous = getattr(getattr(backend, "options", None), "_timeout", None)
-        bound = timedelta(seconds=self.peer_timeout)
-        if previous is None or previous <= bound:
-            return None
-        self.set_group_timeout(bound)
-        return previous
+def bound_group_timeout(group: dist.ProcessGroup | None, seconds: float) -> timedelta | None:
+    """Lower ``group``'s timeout (``None``: the default group, the one Trainer and accelerate
+    use) to ``seconds`` if it is longer: a rank that stalls inside someone else's collective
+    then ends the run within that bound. Returns the timeout it replaced (for
+    ``set_group_timeout``), or ``None``."""
+    group = group or dist.distributed_c10d._get_default_group()
+    backend = group._get_backend(device_for(group))
+    previous = getattr(getattr(backend, "options", None), "_timeout", None)
+    bound = timedelta(seconds=seconds)
+    if previous is None or previous <= bound:
+        return None
+    set_group_timeout(group, bound)
+    return previous
 
-    def set_group_timeout(self, timeout: timedelta) -> None:
-        dist.distributed_c10d._set_pg_timeout(timeout, self.group)
+
+def set_group_timeout(group: dist.ProcessGroup | None, timeout: timedelta) -> None:
+    dist.distributed_c10d._set_pg_timeout(timeout, group)
+
+
+def device_for(group: dist.ProcessGroup | None) -> torch.device:
+    """Where ``group``'s backend takes tensors: the GPU for NCCL alone, else the CPU."""
+    if str(dist.get_backend(group)).lower() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def gather_json(value: Any, group: dist.ProcessGroup | None = None,

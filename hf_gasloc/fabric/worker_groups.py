@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .comm import gather_json
+from .comm import device_for, gather_json
 from .membership import LostPeers
 
 
@@ -50,11 +50,11 @@ class WorkerGroups:
 
     def all_gather_json(self, value: Any) -> list[Any]:
         """Every process's ``value`` (JSON), over the whole run, in global rank order."""
-        return gather_json(value, None, _device(None))
+        return gather_json(value, None, device_for(None))
 
     def first_position(self, value: Any) -> Any:
         """Position 0's ``value``, on every process of the worker (JSON)."""
-        return gather_json(value, self.inside, _device(self.inside))[0]
+        return gather_json(value, self.inside, device_for(self.inside))[0]
 
     def agree_on_peers(self, weights: dict[int, float], lost: LostPeers,
                        when: str) -> dict[int, float]:
@@ -63,17 +63,10 @@ class WorkerGroups:
         present = torch.zeros(self.workers, dtype=torch.float64)
         present[list(weights)] = 1.0
         alive = 1.0 - torch.tensor(lost.flags, dtype=torch.float64)
-        agreed = torch.cat([present, alive]).to(_device(self.inside))
+        agreed = torch.cat([present, alive]).to(device_for(self.inside))
         dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=self.inside)
         agreed = agreed.cpu()
         for peer in range(self.workers):
             if agreed[self.workers + peer] == 0:
                 lost.mark(peer, when, "another process of this worker lost it")
         return {peer: weight for peer, weight in weights.items() if agreed[peer] == 1}
-
-
-def _device(group: dist.ProcessGroup | None) -> torch.device:
-    """Where ``group``'s backend takes tensors: the GPU for NCCL alone, else the CPU."""
-    if str(dist.get_backend(group)).lower() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")

@@ -45,6 +45,7 @@ from transformers.training_args import ParallelMode
 from ..config import GASLoCConfig
 from ..engine import GASLoC
 from ..errors import PeerLostError
+from ..fabric.comm import bound_group_timeout, set_group_timeout
 from ..identity import check_ranks_agree
 from ..resume import resume, save
 from ..schedule.adaptive import Auto
@@ -169,7 +170,7 @@ class GASLoCCallback(TrainerCallback):
         if lockstep is not None:
             self._idle_when_done(trainer, optimizer)
         # Trainer's own collectives (logging gathers, evaluation, saving) get the same deadline.
-        self._replaced_timeout = self.engine.comm.bound_group_timeout()
+        self._replaced_timeout = bound_group_timeout(None, self.engine.config.peer_timeout)
         if state.global_step > 0:
             checkpoint = self._checkpoint_to_resume(args, state)
             how = resume(checkpoint, self.engine, model, optimizer, state.global_step)
@@ -331,7 +332,7 @@ class GASLoCCallback(TrainerCallback):
             {"local_steps": self.engine.round_length,  # with auto:H, the last round's
              "inner_steps": self.engine.inner_step})
         if self._replaced_timeout is not None:
-            self.engine.comm.set_group_timeout(self._replaced_timeout)
+            set_group_timeout(None, self._replaced_timeout)
 
     def _swap_in_consensus(self) -> None:
         if self._own_parameters is None:

@@ -55,3 +55,13 @@ def test_bandwidth_helpers_and_cli(capsys, tmp_path):
     assert (tmp_path / "u.png").stat().st_size > 10_000
     with pytest.raises(SystemExit):
         main(["--bandwidths_gbps", "10"])
+
+
+def test_workers_of_two_processes_add_the_all_reduce_inside_and_send_a_model_per_process():
+    c = Cluster(params=1e9, step_time=1.0, bandwidths=(FAST, FAST), local_steps=10,
+                worker_size=2, inside_bandwidth=4 * FAST)
+    # Inside: 2 * 1/2 * 2e9 / 4e9 = 0.5 s per step. Between: DDP one model (2 s), DiLoCo and
+    # GASLoC a model per process: 2 * 1/2 * 4e9 / 1e9 = 4 s, and M S / B = 4 s for the pair.
+    assert ddp(c) == pytest.approx(1 / (1.5 + 2))
+    assert diloco(c) == pytest.approx(10 / (15 + 4))
+    assert gasloc(c, "1peer") == pytest.approx(10 / (15 + 4))
