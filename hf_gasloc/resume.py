@@ -48,6 +48,8 @@ def save(checkpoint_dir: str | os.PathLike, engine: GASLoC, model: torch.nn.Modu
             _save_worker(checkpoint_dir, engine, model, optimizer, step)
         except CheckpointError as error:
             failure = str(error)
+    else:  # as the first process's state_dict does: the worker's processes settle alike
+        engine.rounds.scheduler.settle_all()
     failure = groups.first_position(failure)
     if failure:
         raise CheckpointError(failure)

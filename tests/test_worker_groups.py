@@ -107,10 +107,9 @@ def _bad_worker_size(rank, world_size, settings):
 
 
 def test_worker_sizes_that_do_not_fit_are_refused_naming_the_setting():
+    # The other refusals (auto:H, fewer than 2 workers): tests/unit/test_config.py.
     for message in run_ranks(_bad_worker_size, 3, {}):
         assert "worker_size=2" in message and "3 processes" in message
-    for message in run_ranks(_bad_worker_size, 4, {"local_steps": "auto:4"}):
-        assert "worker_size=2" in message and "fixed local_steps" in message
 
 
 class MidRound(TrainerCallback):
@@ -137,8 +136,7 @@ def _trainer(rank, world_size, folder, resume=None):
 
 def test_the_trainer_runs_two_workers_of_two_processes_and_resumes_bit_exactly(tmp_path):
     straight = run_ranks(_trainer, 4, str(tmp_path / "a"), init=False, timeout=600)
-    run_ranks(_trainer, 4, str(tmp_path / "b"), init=False, timeout=600)
-    resumed = run_ranks(_trainer, 4, str(tmp_path / "b"), str(tmp_path / "b" / "checkpoint-6"),
+    resumed = run_ranks(_trainer, 4, str(tmp_path / "b"), str(tmp_path / "a" / "checkpoint-6"),
                         init=False, timeout=600)
     for r in straight:
         assert r["summary"]["gasloc_workers"] == 2 and r["summary"]["gasloc_world_size"] == 4
@@ -246,3 +244,32 @@ def test_a_run_of_three_workers_resumes_on_two_whole_workers(tmp_path):
     for rank, r in enumerate(resumed):  # each process takes its worker's own state
         assert r["round"] == 2 and "resized from 3 workers" in r["how"]
         assert torch.equal(r["params"], saved[rank]["params"])
+
+
+def _delayed(rank, world_size, folder, resume_from):
+    from hf_gasloc.resume import resume, save
+
+    model = TinyNet()
+    ddp = DistributedDataParallel(model)
+    inner = torch.optim.SGD(model.parameters(), lr=0.05)
+    engine = GASLoC(model, inner, topology="1peer", local_steps=H, worker_size=SIZE,
+                    outer_delay=1, outer_optimizer="sgd", outer_lr=1.0)
+    disable_gradient_sync(ddp, engine.groups.inside)
+    first = 0
+    if resume_from:
+        resume(folder, engine, model, inner, step=2 * H)
+        first = 2 * H
+    for step in range(first, 4 * H):
+        _loss(ddp, rank, step).backward()
+        inner.step()
+        inner.zero_grad()
+        if step + 1 == 2 * H and not resume_from:  # round 1 is in flight: it lands a step later
+            save(folder, engine, model, inner, step=2 * H)
+    return flat(model)
+
+
+def test_a_checkpoint_with_a_round_in_flight_resumes_bit_exactly_on_workers_of_two(tmp_path):
+    straight = run_ranks(_delayed, 4, str(tmp_path), False)
+    resumed = run_ranks(_delayed, 4, str(tmp_path), True)
+    for before, after in zip(straight, resumed):
+        assert torch.equal(before, after)
