@@ -65,6 +65,9 @@ class GASLoC:
         config = self.config
         self.groups = None  # a worker of several processes gossips with same-position processes
         if config.worker_size > 1 and comm is None and dist.is_initialized():
+            if process_group is not None:
+                raise ValueError("worker_size > 1 builds its groups over every process: leave "
+                                 "process_group unset, or use worker_size 1.")
             config.workers(dist.get_world_size())  # the settings' errors first
             self.groups = WorkerGroups.build(config.worker_size)
         self.comm = comm or Comm(process_group if self.groups is None else self.groups.between,

@@ -165,8 +165,8 @@ class GASLoCCallback(TrainerCallback):
                              round_steps=lockstep)
         groups = self.engine.groups
         disable_gradient_sync(wrapped, None if groups is None else groups.inside)
-        check_ranks_agree(trainer_arguments_to_agree_on(args, state),
-                          self.engine.groups or self.engine.comm, "Trainer arguments")
+        check_ranks_agree(trainer_arguments_to_agree_on(args, state), groups or self.engine.comm,
+                          "Trainer arguments")
         if lockstep is not None:
             self._idle_when_done(trainer, optimizer)
         # Trainer's own collectives (logging gathers, evaluation, saving) get the same deadline.
