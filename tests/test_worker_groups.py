@@ -10,7 +10,7 @@ from torch.nn.parallel import DistributedDataParallel
 from transformers import Trainer, TrainerCallback
 
 from hf_gasloc import GASLoC, GASLoCCallback
-from hf_gasloc.fabric import LostPeers, WorkerGroups
+from hf_gasloc.fabric import LostPeers
 from hf_gasloc.integrations.ddp import disable_gradient_sync
 
 from .clm import blocks, tiny_llama, training_arguments
@@ -67,10 +67,21 @@ def _ddp_inside_complete(rank, world_size):
         worst = max(worst, float((flat(model) - anchor).abs().max()))
     return dict(worst=worst, params=gather(flat(model)), groups=(
         engine.groups.worker, engine.groups.position, engine.world_size, engine.rank),
-        bytes=engine.totals.bytes_sent)
+        agreed=_agree(rank, engine.groups))
 
 
-def test_ddp_inside_two_workers_on_the_complete_graph_is_diloco_over_two_ddp_replicas():
+def _agree(rank, groups):
+    """Worker 0's first process did not get worker 1's message and lost it; the others did."""
+    lost = LostPeers(groups.worker, ["host"] * groups.workers)
+    weights = {1 - groups.worker: 0.5}
+    if rank == 0:
+        weights = {}
+        lost.mark(1, "round 4", "a test")
+    agreed = groups.agree_on_peers(weights, lost, "round 4")
+    return agreed, lost.flags, groups.first_position(f"from rank {rank}")
+
+
+def test_ddp_inside_two_workers_is_diloco_over_ddp_replicas_and_processes_agree_on_peers():
     results = run_ranks(_ddp_inside_complete, 4)
     assert [r["groups"] for r in results] == [(0, 0, 2, 0), (0, 1, 2, 0), (1, 0, 2, 1),
                                                (1, 1, 2, 1)]
@@ -78,26 +89,10 @@ def test_ddp_inside_two_workers_on_the_complete_graph_is_diloco_over_two_ddp_rep
         assert r["worst"] < 1e-6, f"off DiLoCo over DDP replicas by {r['worst']}"
     params = results[0]["params"]
     assert torch.equal(params[0], params[1]) and torch.equal(params[2], params[3])  # replicas
-
-
-def _agree(rank, world_size):
-    groups = WorkerGroups.build(SIZE)
-    lost = LostPeers(groups.worker, ["host"] * groups.workers)
-    weights = {1 - groups.worker: 0.5}
-    if rank == 0:  # worker 0's first process did not get worker 1's message and lost it
-        weights = {}
-        lost.mark(1, "round 4", "a test")
-    agreed = groups.agree_on_peers(weights, lost, "round 4")
-    return agreed, lost.flags, groups.first_position(f"from rank {rank}")
-
-
-def test_what_one_process_of_a_worker_missed_every_process_of_it_misses():
-    results = run_ranks(_agree, 4)
-    assert results[0][:2] == ({}, [False, True])
-    assert results[1][:2] == ({}, [False, True])  # its partner had the message, drops it too
-    assert results[2][:2] == ({0: 0.5}, [False, False])  # the other worker agreed on nothing new
-    assert results[3][:2] == ({0: 0.5}, [False, False])
-    assert [r[2] for r in results] == ["from rank 0", "from rank 0", "from rank 2", "from rank 2"]
+    agreed = [r["agreed"] for r in results]  # what one process missed, its worker misses
+    assert agreed[0][:2] == agreed[1][:2] == ({}, [False, True])
+    assert agreed[2][:2] == agreed[3][:2] == ({0: 0.5}, [False, False])
+    assert [a[2] for a in agreed] == ["from rank 0", "from rank 0", "from rank 2", "from rank 2"]
 
 
 def _bad_worker_size(rank, world_size, settings):
